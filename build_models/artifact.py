@@ -1,0 +1,41 @@
+"""What flows between build steps: the model as it stands after each step, plus what it has learned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from build_models.sources import ResolvedSource
+
+Kind = Literal["torch", "onnx", "torchscript"]
+
+
+@dataclass
+class BuildContext:
+    """Read-only facts a step may use: the source, the tokenizer, a scratch folder, the provider."""
+
+    source: ResolvedSource
+    task: str
+    tokenizer: Any
+    work_dir: Path
+    max_seq_len: int
+    provider: str  # "cpu" | "cuda"
+    sample_texts: list[str]  # real text for export checks; never the evaluation split
+    # The PyTorch model as exported (after any pruning or distillation), for checking later steps.
+    torch_model: nn.Module | None = None
+    model_config: Any = None
+
+
+@dataclass
+class Artifact:
+    kind: Kind
+    precision: str = "fp32"
+    module: nn.Module | None = None  # kind == "torch"
+    path: Path | None = None  # kind in ("onnx", "torchscript")
+    input_names: list[str] = field(default_factory=list)
+    output_name: str = ""
+    fused_nodes: dict[str, int] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)

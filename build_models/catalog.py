@@ -1,0 +1,106 @@
+"""Looking at the store: a table of every variant, and a Markdown report with a quality/speed plot."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from build_models.publish import iter_variants
+from service.manifest import Manifest, ManifestError, load_manifest, verify_files
+
+COLUMNS = ("name", "ver", "format", "precision", "MB", "metric", "value", "retention", "mean cos",
+           "b1 ms", "b32x128 ms", "speedup", "status")
+
+
+def _rows(store: Path, verify: bool) -> list[tuple[Manifest | None, dict[str, str]]]:
+    rows = []
+    for name, version, path in iter_variants(store):
+        try:
+            m = load_manifest(path)
+            status = "ok"
+            if verify:
+                verify_files(path, m)
+                status = "verified"
+        except ManifestError as exc:
+            rows.append((None, {"name": name, "ver": str(version), "status": f"BROKEN: {exc}"}))
+            continue
+        q, lat = m.quality, (m.latency.cases if m.latency else {})
+        b1, b32 = lat.get("batch1_short", {}), lat.get("batch32_seq128", {})
+        rows.append((m, {
+            "name": m.name, "ver": str(m.version), "format": m.format, "precision": m.precision,
+            "MB": f"{sum(f.size_bytes for f in m.files.values()) / 1e6:.1f}",
+            "metric": q.metric if q else "-",
+            "value": _num(q.value if q else None),
+            "retention": _num(q.retention if q else None),
+            "mean cos": _num(q.extra.get("mean_cosine") if q else None),
+            "b1 ms": _num(b1.get("variant"), 2), "b32x128 ms": _num(b32.get("variant"), 1),
+            "speedup": f"{b32['speedup']:.2f}x" if b32.get("speedup") else "-",
+            "status": status if not (q and q.note) else f"{status} ({q.note})",
+        }))
+    return rows
+
+
+def _num(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_table(store: Path, verify: bool = False) -> str:
+    rows = [r for _, r in _rows(store, verify)]
+    if not rows:
+        return f"no variants in {store}"
+    widths = {c: max(len(c), *(len(r.get(c, "")) for r in rows)) for c in COLUMNS}
+    lines = ["  ".join(c.ljust(widths[c]) for c in COLUMNS)]
+    lines.append("  ".join("-" * widths[c] for c in COLUMNS))
+    lines += ["  ".join(r.get(c, "").ljust(widths[c]) for c in COLUMNS).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def markdown_table(store: Path) -> str:
+    rows = [r for _, r in _rows(store, verify=False)]
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    return head + "\n".join("| " + " | ".join(r.get(c, "") for c in COLUMNS) + " |" for r in rows) + "\n"
+
+
+def write_report(store: Path, out_dir: Path) -> Path:
+    """Markdown report plus PNG of quality retention against batch-32 throughput."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifests = [m for m, _ in _rows(store, verify=False) if m is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    reference_tp = []
+    for m in manifests:
+        b32 = (m.latency.cases.get("batch32_seq128") if m.latency else None) or {}
+        retention = m.quality.retention if m.quality else None
+        if not b32.get("variant") or retention is None:
+            continue
+        throughput = 32 / (b32["variant"] / 1000)
+        reference_tp.append(32 / (b32["reference"] / 1000))
+        ax.scatter(throughput, retention, s=40)
+        ax.annotate(f"{m.name} v{m.version}\n({m.format} {m.precision})", (throughput, retention),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if reference_tp:
+        ref = sorted(reference_tp)[len(reference_tp) // 2]
+        ax.scatter([ref], [1.0], marker="*", s=120, color="black")
+        ax.annotate("PyTorch fp32 reference", (ref, 1.0), textcoords="offset points", xytext=(5, -12), fontsize=8)
+    ax.set_xlabel("throughput, sequences/s (batch 32 x 128 tokens, build machine)")
+    ax.set_ylabel("downstream retention vs fp32 reference")
+    ax.set_title("bertserve variants: quality kept vs speed")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    plot = out_dir / "quality_vs_throughput.png"
+    fig.savefig(plot, dpi=120)
+    plt.close(fig)
+    report = out_dir / "report.md"
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    body = [f"# Model store report\n", f"Store: `{store}` · generated {now}\n",
+            f"![quality vs throughput]({plot.name})\n", markdown_table(store)]
+    fused = [(m.name, m.version, m.fused_nodes) for m in manifests if m.fused_nodes]
+    if fused:
+        body.append("\n## Fused ONNX Runtime nodes\n")
+        body += [f"- {n} v{v}: " + ", ".join(f"{k} {c}" for k, c in f.items()) for n, v, f in fused]
+    report.write_text("\n".join(body) + "\n")
+    return report

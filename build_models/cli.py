@@ -1,0 +1,88 @@
+"""``build-models``: build a recipe into the model store, list the store, write a report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from build_models.errors import BuildError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="build-models", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="build every variant of a recipe, evaluate, gate and publish")
+    b.add_argument("recipe", type=Path)
+    b.add_argument("--store", type=Path, default=Path("model_store"))
+    b.add_argument("--variant", action="append", dest="variants", metavar="NAME",
+                   help="build only this variant (repeatable)")
+    b.add_argument("--allow-below-gate", action="store_true",
+                   help="publish variants that miss a quality gate (the manifest records the failure)")
+    l = sub.add_parser("list", help="table of every variant in the store")
+    l.add_argument("--store", type=Path, default=Path("model_store"))
+    l.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    r = sub.add_parser("report", help="Markdown report with a quality-vs-throughput plot")
+    r.add_argument("--store", type=Path, default=Path("model_store"))
+    r.add_argument("--out", type=Path, default=Path("reports"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            return _build(args)
+        if args.command == "list":
+            from build_models.catalog import render_table
+
+            print(render_table(args.store, verify=args.verify))
+            return 0
+        from build_models.catalog import write_report
+
+        path = write_report(args.store, args.out)
+        print(f"report written to {path}")
+        return 0
+    except BuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing from this run was published; the store is unchanged", file=sys.stderr)
+        return 130
+
+
+def _build(args) -> int:
+    from build_models.pipeline import build
+
+    _quiet_libraries()
+    result = build(args.recipe, args.store, only=args.variants, allow_below_gate=args.allow_below_gate)
+    failures = result.gate_failures
+    if failures and not args.allow_below_gate:
+        for line in failures:
+            print(f"not published: {line}", file=sys.stderr)
+        print(f"error: {len(failures)} quality gate(s) failed; rerun with --allow-below-gate to publish anyway",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

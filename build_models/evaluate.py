@@ -1,0 +1,239 @@
+"""Measure a variant against the fp32 PyTorch reference of the same source, on held-out real text.
+
+Embedding task: per-sentence cosine to the reference (mean, min) and a downstream probe: a logistic
+regression trained on the train split embedded by the variant itself, scored on the test split,
+reported as retention = variant accuracy / reference accuracy. Classification task: accuracy and
+macro-F1 against the corpus labels (when they are the model's labels) and agreement with the
+reference's predictions. Plus a latency probe, reference and variant timed alternately in one run.
+Only the test split is used for scores; calibration and distillation use the train split.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from build_models.corpora import LabelledText, load_split, stratified_sample
+from build_models.recipe import EvaluationConfig, GatesConfig
+
+Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
+BATCH = 32
+
+
+class VariantUnavailable(Exception):
+    """The variant cannot run on this machine (an fp16 graph without CUDA, say)."""
+
+
+def default_threads(cfg: EvaluationConfig) -> int:
+    return cfg.threads or os.cpu_count() or 1
+
+
+def torch_runner(module: torch.nn.Module, names: list[str]) -> Runner:
+    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return module(*(torch.from_numpy(batch[n]) for n in names)).float().numpy()
+
+    return run
+
+
+def onnx_runner(path, names: list[str], threads: int, provider: str = "cpu") -> Runner:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    if provider == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped errors
+        raise VariantUnavailable(f"ONNX Runtime cannot load it with {providers}: {str(exc).splitlines()[0]}") from None
+
+    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
+        return session.run(None, {n: batch[n] for n in names})[0].astype(np.float32)
+
+    try:
+        return _smoke(run, names)
+    except VariantUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise VariantUnavailable(f"ONNX Runtime cannot run it with {providers}: {str(exc).splitlines()[0]}") from None
+
+
+def _smoke(run: Runner, names: list[str]) -> Runner:
+    probe = {n: np.ones((1, 4), dtype=np.int64) for n in names}
+    if "token_type_ids" in probe:
+        probe["token_type_ids"][:] = 0
+    run(probe)
+    return run
+
+
+def torchscript_runner(path, names: list[str]) -> Runner:
+    module = torch.jit.load(str(path), map_location="cpu")
+    module.eval()
+    return torch_runner(module, names)
+
+
+def tokenize(tokenizer, texts: list[str], names: list[str], max_len: int, pad_to_max: bool = False):
+    enc = tokenizer(texts, padding="max_length" if pad_to_max else True, truncation=True,
+                    max_length=max_len, return_tensors="np")
+    return {n: enc[n].astype(np.int64) for n in names}
+
+
+def encode(run: Runner, tokenizer, texts: list[str], names: list[str], max_len: int) -> np.ndarray:
+    """Outputs for every text, in order; batches are length-sorted to keep padding small."""
+    lengths = [len(t) for t in texts]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    out: list[np.ndarray | None] = [None] * len(texts)
+    for start in range(0, len(order), BATCH):
+        idx = order[start : start + BATCH]
+        result = run(tokenize(tokenizer, [texts[i] for i in idx], names, max_len))
+        for i, row in zip(idx, result):
+            out[i] = row
+    return np.stack(out)
+
+
+def _probe_accuracy(train_x, train_y, test_x, test_y) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(max_iter=2000, C=10.0)
+    clf.fit(train_x, train_y)
+    return float((clf.predict(test_x) == np.asarray(test_y)).mean())
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.clip(np.linalg.norm(a, axis=1, keepdims=True), 1e-12, None)
+    b = b / np.clip(np.linalg.norm(b, axis=1, keepdims=True), 1e-12, None)
+    return (a * b).sum(axis=1)
+
+
+@dataclass
+class QualityResult:
+    metric: str
+    value: float | None
+    reference_value: float | None
+    retention: float | None
+    extra: dict[str, float | None] = field(default_factory=dict)
+
+
+class Evaluator:
+    """Holds the held-out data and the reference's outputs, so each variant costs one pass."""
+
+    def __init__(self, cfg: EvaluationConfig, task: str, tokenizer, names: list[str],
+                 reference: torch.nn.Module, labels: list[str] | None,
+                 default_reference: torch.nn.Module | None = None):
+        self.cfg, self.task, self.tokenizer, self.names = cfg, task, tokenizer, names
+        self.labels = labels
+        self.threads = default_threads(cfg)
+        torch.set_num_threads(self.threads)
+        self.train: LabelledText = stratified_sample(load_split(cfg.dataset, "train"), cfg.probe_train_samples, cfg.seed)
+        self.test: LabelledText = stratified_sample(load_split(cfg.dataset, "test"), cfg.probe_test_samples, cfg.seed + 1)
+        self.reference_run = torch_runner(reference, names)
+        # The same weights with transformers' default (SDPA) attention, timed only.
+        self.default_reference_run = torch_runner(default_reference, names) if default_reference else None
+        self.ref = self._outputs(self.reference_run)
+        self.ref_quality = self._score(self.ref, None)
+
+    @property
+    def dataset(self) -> str:
+        return self.cfg.dataset
+
+    def _outputs(self, run: Runner) -> dict[str, np.ndarray]:
+        out = {"test": encode(run, self.tokenizer, self.test.texts, self.names, self.cfg.eval_max_seq_len)}
+        if self.task == "embedding":
+            out["train"] = encode(run, self.tokenizer, self.train.texts, self.names, self.cfg.eval_max_seq_len)
+        return out
+
+    def _score(self, outputs: dict[str, np.ndarray], reference: QualityResult | None) -> QualityResult:
+        if self.task == "embedding":
+            acc = _probe_accuracy(outputs["train"], self.train.labels, outputs["test"], self.test.labels)
+            result = QualityResult(metric=f"{self.cfg.dataset}_logreg_accuracy", value=acc,
+                                   reference_value=None, retention=None)
+            return result
+        preds = outputs["test"].argmax(axis=1)
+        pred_labels = [self.labels[i] if self.labels and i < len(self.labels) else str(i) for i in preds]
+        extra: dict[str, float | None] = {}
+        gold_known = self.labels is not None and set(self.test.labels) <= set(self.labels)
+        if gold_known:
+            from sklearn.metrics import f1_score
+
+            acc = float(np.mean([p == g for p, g in zip(pred_labels, self.test.labels)]))
+            extra["macro_f1"] = float(f1_score(self.test.labels, pred_labels, average="macro"))
+        else:
+            acc = None  # the corpus labels are not this model's labels: only agreement is meaningful
+        return QualityResult(metric="accuracy", value=acc, reference_value=None, retention=None, extra=extra)
+
+    def evaluate(self, run: Runner) -> QualityResult:
+        outputs = self._outputs(run)
+        result = self._score(outputs, self.ref_quality)
+        result.reference_value = self.ref_quality.value
+        if result.value is not None and result.reference_value:
+            result.retention = result.value / result.reference_value
+        if self.task == "embedding":
+            cos = _cosines(outputs["test"], self.ref["test"])
+            result.extra.update(mean_cosine=float(cos.mean()), min_cosine=float(cos.min()))
+        else:
+            agree = (outputs["test"].argmax(axis=1) == self.ref["test"].argmax(axis=1)).mean()
+            result.extra["agreement"] = float(agree)
+            if "macro_f1" in result.extra:
+                result.extra["reference_macro_f1"] = self.ref_quality.extra.get("macro_f1")
+        return result
+
+    # ------------------------------------------------------------ latency
+
+    def latency_cases(self) -> dict[str, dict[str, np.ndarray]]:
+        short = " ".join(self.test.texts[0].split()[:8])
+        longest = sorted(self.test.texts, key=len, reverse=True)[:BATCH]
+        return {
+            "batch1_short": tokenize(self.tokenizer, [short], self.names, 128),
+            "batch32_seq128": tokenize(self.tokenizer, longest, self.names, 128, pad_to_max=True),
+        }
+
+    def latency(self, run: Runner) -> dict[str, dict[str, float | None]]:
+        """Median ms per batch of the variant and the references, timed in turn within each repeat.
+
+        Interleaving matters on a noisy machine: a slow spell hits all of them, not one.
+        """
+        runners = {"variant": run, "reference": self.reference_run}
+        if self.default_reference_run is not None:
+            runners["reference_sdpa"] = self.default_reference_run
+        cases: dict[str, dict[str, float | None]] = {}
+        for case, batch in self.latency_cases().items():
+            reps = self.cfg.latency_repeats * (4 if case.startswith("batch1") else 1)
+            samples: dict[str, list[float]] = {k: [] for k in runners}
+            for fn in runners.values():
+                fn(batch)  # warm-up
+            for _ in range(reps):
+                for key, fn in runners.items():
+                    start = time.perf_counter()
+                    fn(batch)
+                    samples[key].append((time.perf_counter() - start) * 1000)
+            med = {k: statistics.median(v) for k, v in samples.items()}
+            row: dict[str, float | None] = {k: round(v, 3) for k, v in med.items()}
+            row["speedup"] = round(med["reference"] / med["variant"], 3)
+            if "reference_sdpa" in med:
+                row["speedup_vs_sdpa"] = round(med["reference_sdpa"] / med["variant"], 3)
+            cases[case] = row
+        return cases
+
+
+def check_gates(task: str, quality: QualityResult, gates: GatesConfig) -> list[tuple[str, float | None, float, bool]]:
+    """(metric, value, limit, passed) for every gate that applies to the task."""
+    checks: list[tuple[str, float | None, float]] = []
+    if gates.downstream_retention is not None and (task == "embedding" or quality.value is not None):
+        checks.append(("downstream_retention", quality.retention, gates.downstream_retention))
+    if task == "embedding":
+        if gates.mean_cosine is not None:
+            checks.append(("mean_cosine", quality.extra.get("mean_cosine"), gates.mean_cosine))
+        if gates.min_cosine is not None:
+            checks.append(("min_cosine", quality.extra.get("min_cosine"), gates.min_cosine))
+    elif gates.agreement is not None:
+        checks.append(("agreement", quality.extra.get("agreement"), gates.agreement))
+    return [(m, v, lim, v is not None and v >= lim) for m, v, lim in checks]

@@ -1,0 +1,290 @@
+"""Run a recipe: every variant's steps, its evaluation against the reference, gates, then publish."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from build_models.artifact import Artifact, BuildContext
+from build_models.errors import BuildError
+from build_models.publish import discard, ensure_writable, new_staging_dir, publish
+from build_models.recipe import Recipe, VariantConfig, load_recipe
+from build_models.sources import resolve_source
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class VariantOutcome:
+    name: str
+    published: bool
+    version: int | None = None
+    path: Path | None = None
+    gate_failures: list[str] = field(default_factory=list)
+    manifest: object | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class BuildResult:
+    outcomes: list[VariantOutcome]
+
+    @property
+    def gate_failures(self) -> list[str]:
+        return [f"{o.name}: {g}" for o in self.outcomes for g in o.gate_failures]
+
+
+def _builder_versions() -> dict[str, str]:
+    out = {}
+    for dist in ("bertserve", "torch", "transformers", "onnxruntime", "onnx"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _fallback_sample_texts() -> list[str]:
+    return [
+        "The central bank raised interest rates by a quarter point on Tuesday.",
+        "Shares of the company fell after it reported lower quarterly earnings.",
+        "A short one.",
+        "Negotiators said the trade talks would resume next week in Geneva after a brief pause.",
+        "Oil prices rose as supply concerns grew across the region.",
+        "The board approved a two for one stock split and raised the dividend.",
+    ]
+
+
+def _sample_texts(recipe: Recipe) -> list[str]:
+    """Real text from the train split (never the evaluation split) for export checks."""
+    from build_models.corpora import load_split
+
+    try:
+        texts = load_split(recipe.evaluation.dataset, "train").texts
+    except BuildError:
+        return _fallback_sample_texts()
+    return [t for t in texts[:64] if len(t) > 60][:8] or _fallback_sample_texts()
+
+
+def build(
+    recipe_path: str | Path,
+    store: str | Path = "model_store",
+    only: list[str] | None = None,
+    allow_below_gate: bool = False,
+    log: Log = _stderr,
+    recipe: Recipe | None = None,
+) -> BuildResult:
+    recipe_path = Path(recipe_path)
+    recipe = recipe or load_recipe(recipe_path)
+    store = Path(store)
+    variants = recipe.variants
+    if only:
+        unknown = sorted(set(only) - {v.name for v in variants})
+        if unknown:
+            raise BuildError(f"{recipe_path}: no variant named {', '.join(unknown)}; "
+                             f"variants: {', '.join(v.name for v in variants)}")
+        variants = [v for v in variants if v.name in only]
+    source = resolve_source(recipe.source, recipe.task, base_dir=recipe_path.parent)
+    ensure_writable(store)
+
+    # Heavy imports only once the cheap checks have passed, so bad input fails fast.
+    import torch
+    from transformers import AutoTokenizer
+
+    from build_models.evaluate import Evaluator
+    from build_models.modeling import encoder_config, load_reference
+
+    t0 = time.perf_counter()
+    log(f"source {source.path} ({source.model_type}, task {recipe.task})")
+    for note in source.notes:
+        log(f"note: {note}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        reference = load_reference(source.path, recipe.task, source.pooling, source.normalize)
+        default_reference = _default_attention_reference(source, recipe.task, log)
+    except (OSError, ValueError) as exc:
+        raise BuildError(f"source {source.path}: cannot load the checkpoint ({str(exc).splitlines()[0]})") from None
+    max_seq_len = min(recipe.max_seq_len or source.max_seq_len, source.max_seq_len)
+    names = ["input_ids", "attention_mask"] + (
+        ["token_type_ids"] if "token_type_ids" in tokenizer.model_input_names else [])
+    log("evaluating the fp32 PyTorch reference on held-out text ...")
+    evaluator = Evaluator(recipe.evaluation, recipe.task, tokenizer, names, reference, source.labels,
+                          default_reference=default_reference)
+    log(f"reference {evaluator.ref_quality.metric} = {evaluator.ref_quality.value} "
+        f"({len(evaluator.test)} test / {len(evaluator.train)} train texts) in {time.perf_counter() - t0:.0f}s")
+    recipe_hash = hashlib.sha256(recipe_path.read_bytes()).hexdigest() if recipe_path.is_file() else None
+
+    staged: list[tuple[VariantOutcome, Path, dict]] = []
+    outcomes: list[VariantOutcome] = []
+    try:
+        for variant in variants:
+            started = time.perf_counter()
+            outcome = VariantOutcome(name=variant.name, published=False)
+            with tempfile.TemporaryDirectory(prefix=f"bertserve-{variant.name}-") as work:
+                ctx = BuildContext(source=source, task=recipe.task, tokenizer=tokenizer, work_dir=Path(work),
+                                   max_seq_len=max_seq_len, provider=variant.provider,
+                                   sample_texts=_sample_texts(recipe))
+                artifact, records = _run_steps(variant, copy.deepcopy(reference), ctx, log)
+                dim_config = ctx.model_config or encoder_config(reference)
+                fields = _manifest_fields(recipe, recipe_path, recipe_hash, variant, source, artifact, records,
+                                          max_seq_len, names, dim_config)
+                _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log)
+                staging = new_staging_dir(store, variant.name)
+                try:
+                    _stage_files(staging, artifact, tokenizer)
+                except BaseException:
+                    discard(staging)
+                    raise
+            outcome.seconds = time.perf_counter() - started
+            outcomes.append(outcome)
+            staged.append((outcome, staging, fields))
+        # Publish only after every variant is built: an interrupted run leaves the store as it was.
+        for outcome, staging, fields in staged:
+            if outcome.gate_failures and not allow_below_gate:
+                discard(staging)
+                continue
+            manifest = publish(store, staging, fields)
+            outcome.published, outcome.version, outcome.manifest = True, manifest.version, manifest
+            outcome.path = store / manifest.name / str(manifest.version)
+            log(f"published {manifest.name} v{manifest.version} -> {outcome.path}")
+    finally:
+        for outcome, staging, _ in staged:
+            if staging.exists():
+                discard(staging)
+    log(f"build finished in {time.perf_counter() - t0:.0f}s")
+    return BuildResult(outcomes)
+
+
+def _default_attention_reference(source, task, log: Log):
+    from build_models.modeling import load_reference
+
+    try:
+        return load_reference(source.path, task, source.pooling, source.normalize, attn_implementation="sdpa")
+    except (ValueError, ImportError) as exc:
+        log(f"note: no SDPA attention for this model ({str(exc).splitlines()[0]}); timing the eager reference only")
+        return None
+
+
+def _run_steps(variant: VariantConfig, module, ctx: BuildContext, log: Log):
+    from build_models.steps import STEPS
+    from service.manifest import StepRecord
+
+    artifact = Artifact(kind="torch", precision="fp32", module=module)
+    records: list[StepRecord] = []
+    for cfg in variant.steps:
+        if cfg.step.startswith("export_") and artifact.kind == "torch":
+            ctx.torch_model = artifact.module if artifact.precision == "fp32" else ctx.torch_model
+            ctx.model_config = getattr(getattr(artifact.module, "encoder", None) or
+                                       getattr(artifact.module, "classifier", None), "config", None)
+        t = time.perf_counter()
+        artifact, details = STEPS[cfg.step](cfg, artifact, ctx)
+        params = cfg.model_dump(exclude={"step"})
+        records.append(StepRecord(name=cfg.step, params=params, details=_jsonable(details)))
+        log(f"[{variant.name}] {cfg.step} done in {time.perf_counter() - t:.1f}s")
+    return artifact, records
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _manifest_fields(recipe, recipe_path, recipe_hash, variant, source, artifact, records, max_seq_len,
+                     names, config) -> dict:
+    if recipe.task == "embedding":
+        out_dim = int(getattr(config, "hidden_size", 0) or getattr(config, "dim", 0))
+    else:
+        out_dim = len(source.labels or [])
+    model_file = "model.onnx" if artifact.kind == "onnx" else "model.pt"
+    providers = ["CUDAExecutionProvider"] if variant.provider == "cuda" else ["CPUExecutionProvider"]
+    if artifact.kind == "torchscript":
+        providers = ["cuda"] if variant.provider == "cuda" else ["cpu"]
+    return {
+        "name": variant.name,
+        "task": recipe.task,
+        "format": artifact.kind,
+        "precision": artifact.precision,
+        "providers": providers,
+        "model_file": model_file,
+        "inputs": [{"name": n, "dtype": "int64", "shape": ["batch", "sequence"]} for n in names],
+        "outputs": [{"name": artifact.output_name, "dtype": "float32", "shape": ["batch", out_dim]}],
+        "max_seq_len": max_seq_len,
+        "embedding_dim": out_dim if recipe.task == "embedding" else None,
+        "pooling": source.pooling,
+        "normalize": source.normalize,
+        "labels": source.labels,
+        "lineage": {
+            "source": {**source.description, "model_type": source.model_type},
+            "recipe": f"{recipe_path}" + (f" sha256:{recipe_hash}" if recipe_hash else ""),
+            "steps": [r.model_dump() for r in records],
+            "builder": _builder_versions(),
+        },
+        "fused_nodes": artifact.fused_nodes,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log: Log) -> None:
+    from build_models.evaluate import (VariantUnavailable, check_gates, onnx_runner, torch_runner,
+                                       torchscript_runner)
+
+    names = artifact.input_names or evaluator.names
+    try:
+        if artifact.kind == "onnx":
+            run = onnx_runner(artifact.path, names, evaluator.threads, variant.provider)
+        elif artifact.kind == "torchscript":
+            run = torchscript_runner(artifact.path, names)
+        else:
+            run = torch_runner(artifact.module, names)
+    except VariantUnavailable as exc:
+        # Honest record rather than a guess: the numbers stay empty and say why.
+        note = f"not measured on this machine: {exc}"
+        fields["quality"] = {"dataset": evaluator.dataset, "metric": evaluator.ref_quality.metric, "value": None,
+                             "reference_value": evaluator.ref_quality.value, "retention": None, "note": note}
+        log(f"[{variant.name}] {note}")
+        if variant.provider != "cuda":
+            outcome.gate_failures.append(f"quality could not be measured ({exc})")
+        return
+    t = time.perf_counter()
+    quality = evaluator.evaluate(run)
+    gates = check_gates(recipe.task, quality, recipe.gates_for(variant))
+    fields["quality"] = {
+        "dataset": evaluator.dataset, "metric": quality.metric, "value": quality.value,
+        "reference_value": quality.reference_value, "retention": quality.retention, "extra": quality.extra,
+        "gates": [{"metric": m, "value": v, "limit": lim, "passed": ok} for m, v, lim, ok in gates],
+    }
+    for metric, value, limit, ok in gates:
+        if not ok:
+            shown = "not measured" if value is None else f"{value:.4f}"
+            outcome.gate_failures.append(f"gate {metric}: {shown} < {limit}")
+    fields["latency"] = {"threads": evaluator.threads, "cases": evaluator.latency(run)}
+    summary = ", ".join(f"{k}={v:.4f}" for k, v in quality.extra.items() if isinstance(v, float))
+    retention = "n/a" if quality.retention is None else f"{quality.retention:.4f}"
+    b32 = fields["latency"]["cases"]["batch32_seq128"]
+    speed = f"{b32['speedup']}x vs eager" + (f", {b32['speedup_vs_sdpa']}x vs sdpa" if "speedup_vs_sdpa" in b32 else "")
+    log(f"[{variant.name}] retention={retention} {summary} speedup(b32x128)={speed} "
+        f"({time.perf_counter() - t:.0f}s)" + (f"  FAILED: {'; '.join(outcome.gate_failures)}" if outcome.gate_failures else ""))
+
+
+def _stage_files(staging: Path, artifact: Artifact, tokenizer) -> None:
+    target = staging / ("model.onnx" if artifact.kind == "onnx" else "model.pt")
+    shutil.copyfile(artifact.path, target)
+    tokenizer.save_pretrained(str(staging / "tokenizer"))

@@ -1,0 +1,226 @@
+"""Recipe YAML schema: a source, a task, evaluation settings, gates and variants made of steps.
+
+A step is written in the YAML as a one-key mapping, ``- quantize: {method: int8_dynamic}``, and
+validated against that step's own parameter model, so an error names the exact field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from build_models.errors import RecipeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# ---------------------------------------------------------------- source
+
+
+class SourceConfig(_Strict):
+    """Where the checkpoint comes from: a local Hugging Face directory or a package that ships one."""
+
+    path: str | None = None
+    package: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SourceConfig":
+        if (self.path is None) == (self.package is None):
+            raise ValueError("give exactly one of 'path' (a local model directory) or 'package'")
+        return self
+
+
+# ---------------------------------------------------------------- steps
+
+
+class ExportOnnxConfig(_Strict):
+    step: Literal["export_onnx"] = "export_onnx"
+    opset: int = Field(17, ge=17, le=21)
+    # Relative tolerance used to check the exported graph against PyTorch right after export.
+    atol: float = Field(1e-4, gt=0)
+
+
+class ExportTorchScriptConfig(_Strict):
+    step: Literal["export_torchscript"] = "export_torchscript"
+    atol: float = Field(1e-4, gt=0)
+
+
+class OptimizeConfig(_Strict):
+    step: Literal["optimize"] = "optimize"
+    # 1 = ORT's transformer fusions (Attention, SkipLayerNormalization, BiasGelu, ...) done offline.
+    # Higher levels bake in CPU- or GPU-specific layouts, so they are left to session creation.
+    opt_level: Literal[0, 1] = 1
+    use_gpu: bool = False
+    # Fail the step when a fusion the model should get did not happen.
+    require_fusion: bool = True
+
+
+class QuantizeConfig(_Strict):
+    step: Literal["quantize"] = "quantize"
+    # int8_dynamic: ONNX graphs use ORT's dynamic quantizer; PyTorch modules use
+    # torch.ao.quantization.quantize_dynamic. int4_weight_only: ORT MatMulNBits. fp16: for CUDA.
+    method: Literal["int8_dynamic", "int4_weight_only", "fp16"] = "int8_dynamic"
+    per_channel: bool = True
+    # None = decide from the CPU: without VNNI, U8S8 products can saturate, so reduce weights to 7 bits.
+    reduce_range: bool | None = None
+    # Node names (or name prefixes ending in '*') kept in float, for when a gate fails.
+    nodes_to_exclude: list[str] = Field(default_factory=list)
+    op_types: list[str] | None = None
+    block_size: int = Field(32, ge=16)  # int4 only
+    symmetric: bool = True  # int4 only
+    keep_io_types: bool = True  # fp16 only
+
+
+# The seam for the compression issue: prune / distill / finetune add their configs here and their
+# functions in build_models/steps/__init__.py; they operate on the PyTorch model before export.
+StepConfig = Annotated[
+    Union[ExportOnnxConfig, ExportTorchScriptConfig, OptimizeConfig, QuantizeConfig],
+    Field(discriminator="step"),
+]
+
+
+# ---------------------------------------------------------------- gates, evaluation, variants
+
+
+class GatesConfig(_Strict):
+    """Minimum quality a variant must keep against the fp32 reference to be published."""
+
+    downstream_retention: float | None = Field(0.99, ge=0, le=1.5)
+    mean_cosine: float | None = Field(0.99, ge=-1, le=1)
+    min_cosine: float | None = Field(None, ge=-1, le=1)
+    agreement: float | None = Field(None, ge=0, le=1)
+
+
+class EvaluationConfig(_Strict):
+    dataset: Literal["reuters-r8", "reuters-r52", "20newsgroups", "election-tweets"] = "reuters-r8"
+    # Subsample sizes keep a build inside minutes on a 2-core machine; seeds make them repeatable.
+    probe_train_samples: int = Field(800, ge=20)
+    probe_test_samples: int = Field(400, ge=20)
+    eval_max_seq_len: int = Field(128, ge=8)
+    seed: int = 0
+    latency_repeats: int = Field(5, ge=1)
+    threads: int | None = Field(None, ge=1)
+
+
+class VariantConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    description: str | None = None
+    # Execution provider the variant is meant for; "cuda" variants are still built and checked on CPU
+    # where ORT can run them, and the server skips them on machines without CUDA.
+    provider: Literal["cpu", "cuda"] = "cpu"
+    steps: list[StepConfig] = Field(min_length=1)
+    gates: GatesConfig | None = None
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _one_key_mappings(cls, value: Any) -> Any:
+        """Turn ``{quantize: {...}}`` into ``{step: quantize, ...}`` for the tagged union."""
+        if not isinstance(value, list):
+            return value
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                out.append({"step": item})
+            elif isinstance(item, dict) and len(item) == 1 and "step" not in item:
+                (name, params), = item.items()
+                if params is None:
+                    params = {}
+                if not isinstance(params, dict):
+                    raise ValueError(f"parameters of step '{name}' must be a mapping, got {params!r}")
+                out.append({"step": name, **params})
+            else:
+                out.append(item)
+        return out
+
+    @model_validator(mode="after")
+    def _step_order(self) -> "VariantConfig":
+        kinds = [s.step for s in self.steps]
+        exports = [k for k in kinds if k.startswith("export_")]
+        if len(exports) != 1:
+            raise ValueError(f"a variant needs exactly one export step, found {exports or 'none'}")
+        export_at = kinds.index(exports[0])
+        if exports[0] == "export_torchscript":
+            after = kinds[export_at + 1 :]
+            if after:
+                raise ValueError(f"steps after export_torchscript are not supported: {after}")
+        if "optimize" in kinds and kinds.index("optimize") < export_at:
+            raise ValueError("optimize works on the ONNX graph: put it after export_onnx")
+        if exports[0] == "export_onnx" and "quantize" in kinds[:export_at]:
+            raise ValueError("a PyTorch-quantized model does not export to ONNX: put quantize after export_onnx")
+        onnx_tail = kinds[export_at + 1 :]
+        if "optimize" in onnx_tail and "quantize" in onnx_tail and onnx_tail.index("quantize") < onnx_tail.index("optimize"):
+            raise ValueError("optimize needs the fp32 graph: put quantize after optimize")
+        if onnx_tail.count("quantize") > 1 or kinds[:export_at].count("quantize") > 1:
+            raise ValueError("a variant is quantized at most once")
+        return self
+
+
+class Recipe(_Strict):
+    family: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    description: str | None = None
+    source: SourceConfig
+    task: Literal["embedding", "classification"]
+    max_seq_len: int | None = Field(None, ge=8)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    variants: list[VariantConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Recipe":
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names must be unique, repeated: {dupes}")
+        return self
+
+    def gates_for(self, variant: VariantConfig) -> GatesConfig:
+        if variant.gates is None:
+            return self.gates
+        merged = self.gates.model_dump()
+        merged.update(variant.gates.model_dump(exclude_unset=True))
+        return GatesConfig(**merged)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error["loc"]) or "<top level>"
+    msg = error["msg"]
+    if error["type"] in ("missing",):
+        return f"field {loc}: required field is missing"
+    if error["type"] == "extra_forbidden":
+        return f"field {loc}: unknown field"
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f", got {got!r}"
+    return f"field {loc}: {msg}{shown}"
+
+
+def parse_recipe(data: Any, origin: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise RecipeError(f"{origin}: {_describe(errors[0])}{more}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{where}") from None
+    return parse_recipe(data, origin=str(path))

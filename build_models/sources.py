@@ -1,0 +1,136 @@
+"""Resolve a recipe's source to a local checkpoint directory and read what the task needs from it.
+
+No network: a source is a local Hugging Face directory or an installed Python package that ships
+one (found by its ``get_model_path()`` or a ``model/`` folder inside it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from build_models.errors import SourceError
+from build_models.recipe import SourceConfig
+
+SUPPORTED_MODEL_TYPES = ("bert", "distilbert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet")
+# Families the ORT transformer optimizer knows by model_type; others are optimized as 'bert'.
+ORT_MODEL_TYPE = {"bert": "bert", "distilbert": "bert", "roberta": "bert", "xlm-roberta": "bert",
+                  "camembert": "bert", "electra": "bert", "mpnet": "bert"}
+
+
+@dataclass
+class ResolvedSource:
+    path: Path
+    description: dict
+    model_type: str
+    config: dict
+    pooling: str = "mean"
+    normalize: bool = False
+    max_seq_len: int = 512
+    labels: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _package_dir(name: str) -> Path:
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        raise SourceError(f"source package {name!r} is not installed (pip install it; no hub download)") from None
+    getter = getattr(module, "get_model_path", None)
+    if callable(getter):
+        return Path(getter())
+    candidate = Path(module.__file__).parent / "model"
+    if candidate.is_dir():
+        return candidate
+    raise SourceError(f"package {name!r} ships no model directory (no get_model_path() and no model/)")
+
+
+def _read_json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: unreadable JSON ({exc})") from None
+
+
+def _sentence_transformers_pooling(path: Path) -> tuple[str | None, bool]:
+    """Pooling mode and normalization from modules.json / 1_Pooling/config.json, if present."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return None, False
+    modules = _read_json(modules_file)
+    pooling, normalize = None, False
+    for module in modules if isinstance(modules, list) else []:
+        kind = module.get("type", "")
+        if kind.endswith("Pooling"):
+            cfg_file = path / module.get("path", "1_Pooling") / "config.json"
+            cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
+            if cfg.get("pooling_mode_cls_token"):
+                pooling = "cls"
+            elif cfg.get("pooling_mode_max_tokens"):
+                pooling = "max"
+            elif cfg.get("pooling_mode_mean_tokens", True):
+                pooling = "mean"
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return pooling, normalize
+
+
+def resolve_source(cfg: SourceConfig, task: str, base_dir: Path | None = None) -> ResolvedSource:
+    if cfg.package:
+        path = _package_dir(cfg.package)
+        description = {"package": cfg.package}
+        try:
+            from importlib import metadata
+
+            description["package_version"] = metadata.version(cfg.package.replace("_", "-"))
+        except Exception:  # noqa: BLE001 - a version is nice to have, never required
+            pass
+    else:
+        path = Path(cfg.path).expanduser()
+        if not path.is_absolute() and base_dir is not None and not path.exists():
+            path = base_dir / path
+        description = {"path": str(path)}
+    if not path.exists():
+        raise SourceError(f"source {path} does not exist")
+    if not path.is_dir():
+        raise SourceError(f"source {path} is not a directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise SourceError(f"source {path} is not a Hugging Face checkpoint (no config.json)")
+    config = _read_json(config_file)
+    model_type = config.get("model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise SourceError(
+            f"source {path}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    has_weights = any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")) or any(
+        path.glob("model-*.safetensors")
+    )
+    if not has_weights:
+        raise SourceError(f"source {path} has no weights (model.safetensors or pytorch_model.bin)")
+    if not any((path / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json")):
+        raise SourceError(f"source {path} has no tokenizer files")
+
+    src = ResolvedSource(path=path, description=description, model_type=model_type, config=config)
+    src.max_seq_len = int(config.get("max_position_embeddings", 512))
+    if model_type in ("roberta", "xlm-roberta", "camembert"):
+        src.max_seq_len -= 2  # positions start after the padding index
+    st_cfg = path / "sentence_bert_config.json"
+    if st_cfg.is_file():
+        src.max_seq_len = min(src.max_seq_len, int(_read_json(st_cfg).get("max_seq_length", src.max_seq_len)))
+
+    if task == "embedding":
+        pooling, normalize = _sentence_transformers_pooling(path)
+        if pooling is None:
+            src.notes.append("no sentence-transformers pooling config: using mean pooling, no normalization")
+            pooling = "mean"
+        src.pooling, src.normalize = pooling, normalize
+    else:
+        id2label = config.get("id2label")
+        if not id2label:
+            raise SourceError(f"source {path}: a classification checkpoint needs id2label in config.json")
+        src.labels = [id2label[k] for k in sorted(id2label, key=lambda k: int(k))]
+        src.pooling, src.normalize = None, False
+    return src

@@ -1,0 +1,21 @@
+"""Build steps, one module each. A step is ``run(config, artifact, ctx) -> (artifact, details)``.
+
+The compression issue's prune / distill / finetune steps register here too; they take and return
+``kind == "torch"`` artifacts, so they slot in before the export step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from build_models.artifact import Artifact, BuildContext
+from build_models.steps import export_onnx, export_torchscript, optimize, quantize
+
+StepFn = Callable[[Any, Artifact, BuildContext], tuple[Artifact, dict]]
+
+STEPS: dict[str, StepFn] = {
+    "export_onnx": export_onnx.run,
+    "export_torchscript": export_torchscript.run,
+    "optimize": optimize.run,
+    "quantize": quantize.run,
+}

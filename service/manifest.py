@@ -1,0 +1,179 @@
+"""The manifest: the one contract between the offline build and the server.
+
+Every published variant directory holds ``manifest.json`` describing how the variant was made
+(lineage), what it is (format, precision, inputs/outputs, pooling), what it measured (quality
+against the fp32 reference, latency probe, fused-node counts) and the sha256 of every file. The
+server refuses a variant whose files do not match. This module depends on pydantic only, so the
+build and the server (and unit tests) can import it without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+Task = Literal["embedding", "classification"]
+Format = Literal["onnx", "torchscript"]
+Precision = Literal["fp32", "fp16", "int8", "int4"]
+Pooling = Literal["mean", "cls", "max", "none"]
+
+
+class ManifestError(Exception):
+    """A manifest is missing, malformed, or does not match the files beside it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: str
+    # Symbolic axes are strings ("batch", "sequence"); fixed ones are ints.
+    shape: list[int | str]
+
+
+class FileEntry(_Strict):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+
+
+class StepRecord(_Strict):
+    """One build step as it ran: its name and every parameter, defaults included."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    # What the step observed while running (fused-node counts, quantizer settings picked, ...).
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Lineage(_Strict):
+    source: dict[str, Any]
+    recipe: str | None = None
+    steps: list[StepRecord] = Field(default_factory=list)
+    builder: dict[str, str] = Field(default_factory=dict)
+
+
+class QualityGateResult(_Strict):
+    metric: str
+    value: float | None
+    limit: float
+    passed: bool
+
+
+class Quality(_Strict):
+    """Quality of the variant measured against the fp32 PyTorch reference of the same source."""
+
+    dataset: str
+    metric: str  # the downstream metric, e.g. "r8_logreg_accuracy" or "accuracy"
+    value: float | None
+    reference_value: float | None
+    retention: float | None
+    # Task-specific extras: mean/min cosine for embeddings, macro-F1 and agreement for classifiers.
+    extra: dict[str, float | None] = Field(default_factory=dict)
+    gates: list[QualityGateResult] = Field(default_factory=list)
+    measured_on: str = "CPUExecutionProvider"
+    note: str | None = None
+
+
+class LatencyProbe(_Strict):
+    """In-process timings taken at build time, with the reference measured in the same run."""
+
+    unit: Literal["ms_per_batch"] = "ms_per_batch"
+    threads: int
+    cases: dict[str, dict[str, float | None]]  # case -> {variant, reference, speedup}
+    note: str | None = None
+
+
+class Manifest(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    version: int = Field(ge=1)
+    task: Task
+    format: Format
+    precision: Precision
+    providers: list[str]  # execution providers this variant is built for, preferred first
+    model_file: str
+    tokenizer_dir: str = "tokenizer"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    max_seq_len: int = Field(ge=1)
+    embedding_dim: int | None = None
+    pooling: Pooling | None = None
+    normalize: bool = False
+    labels: list[str] | None = None
+    files: dict[str, FileEntry]
+    lineage: Lineage
+    quality: Quality | None = None
+    latency: LatencyProbe | None = None
+    fused_nodes: dict[str, int] = Field(default_factory=dict)
+    created_at: str
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_tree(root: Path, exclude: tuple[str, ...] = (MANIFEST_FILE,)) -> dict[str, FileEntry]:
+    """sha256 and size of every file under ``root`` keyed by POSIX relative path."""
+    entries: dict[str, FileEntry] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel in exclude:
+            continue
+        entries[rel] = FileEntry(sha256=sha256_file(path), size_bytes=path.stat().st_size)
+    return entries
+
+
+def load_manifest(variant_dir: Path) -> Manifest:
+    path = Path(variant_dir) / MANIFEST_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: unreadable manifest ({exc})") from None
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+        raise ManifestError(f"{path}: field {loc}: {first['msg']}") from None
+
+
+def verify_files(variant_dir: Path, manifest: Manifest) -> None:
+    """Raise ManifestError unless every listed file exists with its recorded size and sha256."""
+    root = Path(variant_dir)
+    for rel, entry in manifest.files.items():
+        path = root / rel
+        if not path.is_file():
+            raise ManifestError(f"{root}: file {rel} listed in the manifest is missing")
+        if path.stat().st_size != entry.size_bytes:
+            raise ManifestError(
+                f"{root}: file {rel} has {path.stat().st_size} bytes, manifest says {entry.size_bytes}"
+            )
+        if sha256_file(path) != entry.sha256:
+            raise ManifestError(f"{root}: file {rel} does not match its sha256 in the manifest")
+    for required in (manifest.model_file,):
+        if required not in manifest.files:
+            raise ManifestError(f"{root}: model file {required} is not listed in the manifest files")
+
+
+def load_verified(variant_dir: Path) -> Manifest:
+    manifest = load_manifest(variant_dir)
+    verify_files(variant_dir, manifest)
+    return manifest
