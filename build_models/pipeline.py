@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
+import json
 import shutil
 import sys
 import tempfile
@@ -129,25 +130,28 @@ def build(
 
     staged: list[tuple[VariantOutcome, Path, dict]] = []
     outcomes: list[VariantOutcome] = []
+    work_root = Path(tempfile.mkdtemp(prefix="bertserve-build-"))
+    prefix_cache: dict[str, tuple] = {}
+    sample_texts = _sample_texts(recipe)
     try:
         for variant in variants:
             started = time.perf_counter()
             outcome = VariantOutcome(name=variant.name, published=False)
-            with tempfile.TemporaryDirectory(prefix=f"bertserve-{variant.name}-") as work:
-                ctx = BuildContext(source=source, task=recipe.task, tokenizer=tokenizer, work_dir=Path(work),
-                                   max_seq_len=max_seq_len, provider=variant.provider,
-                                   sample_texts=_sample_texts(recipe))
-                artifact, records = _run_steps(variant, copy.deepcopy(reference), ctx, log)
-                dim_config = ctx.model_config or encoder_config(reference)
-                fields = _manifest_fields(recipe, recipe_path, recipe_hash, variant, source, artifact, records,
-                                          max_seq_len, names, dim_config)
-                _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log)
-                staging = new_staging_dir(store, variant.name)
-                try:
-                    _stage_files(staging, artifact, tokenizer)
-                except BaseException:
-                    discard(staging)
-                    raise
+            work = work_root / variant.name
+            work.mkdir()
+            ctx = BuildContext(source=source, task=recipe.task, tokenizer=tokenizer, work_dir=work,
+                               max_seq_len=max_seq_len, provider=variant.provider, sample_texts=sample_texts)
+            artifact, records = _run_steps(variant, reference, ctx, log, prefix_cache)
+            dim_config = ctx.model_config or encoder_config(reference)
+            fields = _manifest_fields(recipe, recipe_path, recipe_hash, variant, source, artifact, records,
+                                      max_seq_len, names, dim_config)
+            _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log)
+            staging = new_staging_dir(store, variant.name)
+            try:
+                _stage_files(staging, artifact, tokenizer)
+            except BaseException:
+                discard(staging)
+                raise
             outcome.seconds = time.perf_counter() - started
             outcomes.append(outcome)
             staged.append((outcome, staging, fields))
@@ -161,6 +165,7 @@ def build(
             outcome.path = store / manifest.name / str(manifest.version)
             log(f"published {manifest.name} v{manifest.version} -> {outcome.path}")
     finally:
+        shutil.rmtree(work_root, ignore_errors=True)
         for outcome, staging, _ in staged:
             if staging.exists():
                 discard(staging)
@@ -178,13 +183,30 @@ def _default_attention_reference(source, task, log: Log):
         return None
 
 
-def _run_steps(variant: VariantConfig, module, ctx: BuildContext, log: Log):
+def _run_steps(variant: VariantConfig, reference, ctx: BuildContext, log: Log, cache: dict):
+    """Run the variant's steps, reusing the ONNX files of a step prefix another variant already ran.
+
+    Variants often share ``export_onnx, optimize``; only file-based (ONNX) artifacts are reused,
+    since they are never modified in place.
+    """
     from build_models.steps import STEPS
     from service.manifest import StepRecord
 
-    artifact = Artifact(kind="torch", precision="fp32", module=module)
-    records: list[StepRecord] = []
-    for cfg in variant.steps:
+    keys = [json.dumps([variant.provider] + [c.model_dump() for c in variant.steps[: i + 1]], sort_keys=True)
+            for i in range(len(variant.steps))]
+    start = 0
+    for i in reversed(range(len(keys))):
+        if keys[i] in cache:
+            artifact, records, ctx.torch_model, ctx.model_config = cache[keys[i]]
+            records = list(records)
+            start = i + 1
+            log(f"[{variant.name}] reusing {', '.join(r.name for r in records)} from an earlier variant")
+            break
+    else:
+        artifact = Artifact(kind="torch", precision="fp32", module=copy.deepcopy(reference))
+        records = []
+    for index in range(start, len(variant.steps)):
+        cfg = variant.steps[index]
         if cfg.step.startswith("export_") and artifact.kind == "torch":
             ctx.torch_model = artifact.module if artifact.precision == "fp32" else ctx.torch_model
             ctx.model_config = getattr(getattr(artifact.module, "encoder", None) or
@@ -194,6 +216,8 @@ def _run_steps(variant: VariantConfig, module, ctx: BuildContext, log: Log):
         params = cfg.model_dump(exclude={"step"})
         records.append(StepRecord(name=cfg.step, params=params, details=_jsonable(details)))
         log(f"[{variant.name}] {cfg.step} done in {time.perf_counter() - t:.1f}s")
+        if artifact.kind == "onnx":
+            cache[keys[index]] = (artifact, list(records), ctx.torch_model, ctx.model_config)
     return artifact, records
 
 

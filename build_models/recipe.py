@@ -103,7 +103,7 @@ class EvaluationConfig(_Strict):
     probe_test_samples: int = Field(400, ge=20)
     eval_max_seq_len: int = Field(128, ge=8)
     seed: int = 0
-    latency_repeats: int = Field(5, ge=1)
+    latency_repeats: int = Field(4, ge=1)
     threads: int | None = Field(None, ge=1)
 
 

@@ -57,10 +57,19 @@ def _torch_dynamic(cfg: QuantizeConfig, art: Artifact) -> tuple[Artifact, dict]:
     # PyTorch's own route, kept beside ORT's so the two int8 paths are measured side by side.
     # Per-channel weights by default: per-tensor int8 loses visible quality on MiniLM.
     qconfig = per_channel_dynamic_qconfig if cfg.per_channel else default_dynamic_qconfig
-    quantized = torch.ao.quantization.quantize_dynamic(art.module, {nn.Linear: qconfig}, dtype=torch.qint8)
+    linears = [name for name, mod in art.module.named_modules() if isinstance(mod, nn.Linear)]
+    # For PyTorch modules nodes_to_exclude names modules (fnmatch patterns, e.g. "*.layer.?.output.dense").
+    excluded = set()
+    for pattern in cfg.nodes_to_exclude:
+        hits = {n for n in linears if fnmatch.fnmatchcase(n, pattern)}
+        if not hits:
+            raise BuildError(f"quantize: nodes_to_exclude entry {pattern!r} matches no Linear module")
+        excluded |= hits
+    spec = {name: qconfig for name in linears if name not in excluded}
+    quantized = torch.ao.quantization.quantize_dynamic(art.module, spec, dtype=torch.qint8)
     new = Artifact(kind="torch", precision="int8", module=quantized)
-    return new, {"engine": torch.backends.quantized.engine, "modules": "Linear", "dtype": "qint8",
-                 "per_channel": cfg.per_channel}
+    return new, {"engine": torch.backends.quantized.engine, "dtype": "qint8", "per_channel": cfg.per_channel,
+                 "linear_modules": len(linears), "modules_excluded": sorted(excluded)}
 
 
 def _onnx_int8(cfg: QuantizeConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact, dict]:
