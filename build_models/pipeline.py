@@ -192,7 +192,7 @@ def _run_steps(variant: VariantConfig, reference, ctx: BuildContext, log: Log, c
     from build_models.steps import STEPS
     from service.manifest import StepRecord
 
-    keys = [json.dumps([variant.provider] + [c.model_dump() for c in variant.steps[: i + 1]], sort_keys=True)
+    keys = [json.dumps([c.model_dump() for c in variant.steps[: i + 1]], sort_keys=True)
             for i in range(len(variant.steps))]
     start = 0
     for i in reversed(range(len(keys))):
