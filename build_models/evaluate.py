@@ -59,6 +59,7 @@ def onnx_runner(path, names: list[str], threads: int, provider: str = "cpu") -> 
     def run(batch: dict[str, np.ndarray]) -> np.ndarray:
         return session.run(None, {n: batch[n] for n in names})[0].astype(np.float32)
 
+    run.provider = session.get_providers()[0]  # where the numbers were actually measured
     try:
         return _smoke(run, names)
     except VariantUnavailable:

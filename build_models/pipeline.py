@@ -294,6 +294,7 @@ def _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log
         "dataset": evaluator.dataset, "metric": quality.metric, "value": quality.value,
         "reference_value": quality.reference_value, "retention": quality.retention, "extra": quality.extra,
         "gates": [{"metric": m, "value": v, "limit": lim, "passed": ok} for m, v, lim, ok in gates],
+        "measured_on": getattr(run, "provider", "cpu (PyTorch)"),
     }
     for metric, value, limit, ok in gates:
         if not ok:
