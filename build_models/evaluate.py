@@ -198,24 +198,26 @@ class Evaluator:
         }
 
     def latency(self, run: Runner) -> dict[str, dict[str, float | None]]:
-        """Median ms per batch of the variant and the references, timed in turn within each repeat.
+        """Median ms per batch of the variant and the references, measured in alternating blocks.
 
-        Interleaving matters on a noisy machine: a slow spell hits all of them, not one.
+        Not call-by-call interleaving: ONNX Runtime's and OpenMP's worker threads keep spinning
+        after a call and slowed the next runner's short batch by 3x here. Each block starts with an
+        untimed call; two rounds of blocks (A B C A B C) spread a slow spell over all of them.
         """
         runners = {"variant": run, "reference": self.reference_run}
         if self.default_reference_run is not None:
             runners["reference_sdpa"] = self.default_reference_run
         cases: dict[str, dict[str, float | None]] = {}
         for case, batch in self.latency_cases().items():
-            reps = self.cfg.latency_repeats * (4 if case.startswith("batch1") else 1)
+            per_block = max(1, self.cfg.latency_repeats * (4 if case.startswith("batch1") else 1) // 2)
             samples: dict[str, list[float]] = {k: [] for k in runners}
-            for fn in runners.values():
-                fn(batch)  # warm-up
-            for _ in range(reps):
+            for _round in range(2):
                 for key, fn in runners.items():
-                    start = time.perf_counter()
-                    fn(batch)
-                    samples[key].append((time.perf_counter() - start) * 1000)
+                    fn(batch)  # untimed: absorbs the previous runner's spinning threads
+                    for _ in range(per_block):
+                        start = time.perf_counter()
+                        fn(batch)
+                        samples[key].append((time.perf_counter() - start) * 1000)
             med = {k: statistics.median(v) for k, v in samples.items()}
             row: dict[str, float | None] = {k: round(v, 3) for k, v in med.items()}
             row["speedup"] = round(med["reference"] / med["variant"], 3)
