@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast build list report clean
+.PHONY: venv test test-fast build run list report clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,11 @@ test-fast: $(STAMP)
 
 build: $(STAMP)
 	$(VENV)/bin/build-models build $(RECIPE) --store $(STORE)
+
+# Serve the store; build the default store first when it is missing.
+run: $(STAMP)
+	ls $(STORE)/minilm/*/manifest.json >/dev/null 2>&1 || $(VENV)/bin/build-models build $(RECIPE) --store $(STORE)
+	BERTSERVE_MODEL_STORE=$(STORE) $(VENV)/bin/bertserve
 
 list: $(STAMP)
 	$(VENV)/bin/build-models list --store $(STORE)

@@ -1,0 +1,80 @@
+"""What every inference route shares: tokenize off the event loop, submit to the batcher, watch the client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Sequence
+
+import numpy as np
+from fastapi import Request
+
+from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge
+from service.registry import ModelEntry
+from service.tokenization import Direction, Encoded
+
+
+def state(request: Request):
+    return request.app.state
+
+
+def check_texts(request: Request, texts: Sequence[str], field: str = "input") -> None:
+    settings = state(request).settings
+    if len(texts) == 0:
+        raise InvalidInput(f"{field} is empty: send at least one text")
+    if len(texts) > settings.max_inputs_per_request:
+        raise PayloadTooLarge(f"{field} has {len(texts)} items; at most {settings.max_inputs_per_request} per request")
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise InvalidInput(f"{field}[{i}] is an empty string; every input must contain text")
+        if len(text) > settings.max_chars_per_text:
+            raise PayloadTooLarge(f"{field}[{i}] has {len(text)} characters; at most {settings.max_chars_per_text}")
+
+
+def check_ids(request: Request, sequences: Sequence[Sequence[int]], field: str = "input") -> None:
+    settings = state(request).settings
+    if len(sequences) == 0:
+        raise InvalidInput(f"{field} is empty: send at least one input")
+    if len(sequences) > settings.max_inputs_per_request:
+        raise PayloadTooLarge(f"{field} has {len(sequences)} items; at most {settings.max_inputs_per_request} per request")
+
+
+async def encode_texts(request: Request, entry: ModelEntry, texts: Sequence[str], truncate: bool,
+                       direction: Direction = "right", field: str = "input") -> list[Encoded]:
+    check_texts(request, texts, field)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(state(request).tokenizer_pool, entry.tokenizer.encode_texts,
+                                      list(texts), truncate, direction, field)
+
+
+async def encode_ids(request: Request, entry: ModelEntry, sequences: Sequence[Sequence[int]], truncate: bool,
+                     direction: Direction = "right", field: str = "input") -> list[Encoded]:
+    check_ids(request, sequences, field)
+    return entry.tokenizer.encode_ids(sequences, truncate, direction, field)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # After the body is read, receive() only returns when the client disconnects.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run(request: Request, entry: ModelEntry, encoded: list[Encoded], timeout_s: float | None = None) -> np.ndarray:
+    """Rows of the model output for each encoded input, in order; batched with other requests."""
+    settings = state(request).settings
+    deadline = time.monotonic() + (timeout_s if timeout_s is not None else settings.request_timeout_s)
+    submit = asyncio.ensure_future(entry.batcher.submit([(e, len(e)) for e in encoded], deadline))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({submit, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        submit.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if submit not in done:
+        submit.cancel()  # its queued items are dropped before inference
+        raise ClientDisconnected("client disconnected before the answer was ready")
+    return np.stack(submit.result())

@@ -1,0 +1,64 @@
+"""The one place where errors become HTTP responses: {"error": {"type", "message"}} plus a request id."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from service.api.responses import FastJSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import ServiceError
+
+log = logging.getLogger("bertserve.api")
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def request_id(request: Request) -> str:
+    rid = getattr(request.state, "request_id", None)
+    if rid is None:
+        rid = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        rid = rid[:128]
+        request.state.request_id = rid
+    return rid
+
+
+def error_response(request: Request, status: int, type_: str, message: str,
+                   headers: dict[str, str] | None = None) -> FastJSONResponse:
+    rid = request_id(request)
+    body = {"error": {"type": type_, "message": message, "request_id": rid}}
+    return FastJSONResponse(body, status_code=status, headers={**(headers or {}), REQUEST_ID_HEADER: rid})
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        if err.get("type") == "json_invalid":
+            return "request body is not valid JSON: " + str(err.get("ctx", {}).get("error", err.get("msg")))
+        parts.append(f"{loc}: {err.get('msg')}")
+    more = len(exc.errors()) - 3
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, exc: ServiceError):
+        return error_response(request, exc.status_code, exc.type, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return error_response(request, 422, "invalid_input", _describe_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        type_ = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
+        return error_response(request, exc.status_code, type_, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        # Never echo an internal exception's text to the client.
+        log.exception("unhandled error for request %s", request_id(request))
+        return error_response(request, 500, "internal_error", "internal server error; see the server log")

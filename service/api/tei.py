@@ -1,0 +1,129 @@
+"""text-embeddings-inference-compatible routes: /embed, /predict, /tokenize, /info, /health."""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import numpy as np
+from fastapi import APIRouter, Request
+from service.api.responses import FastJSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.api.common import check_texts, encode_texts, run, state
+from service.errors import InvalidInput, NotReady
+from service.outputs import l2_normalize, softmax
+
+router = APIRouter(tags=["text-embeddings-inference"])
+
+
+class _TeiRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="model name (our extension); the default model when omitted")
+
+
+class EmbedRequest(_TeiRequest):
+    inputs: Union[str, list[str]]
+    normalize: bool = True
+    truncate: bool = False
+    truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
+    prompt_name: str | None = None
+
+
+class PredictRequest(_TeiRequest):
+    inputs: Union[str, list[str], list[list[str]]]
+    raw_scores: bool = False
+    truncate: bool = False
+    truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
+
+
+class TokenizeRequest(_TeiRequest):
+    inputs: Union[str, list[str]]
+    add_special_tokens: bool = True
+
+
+class Score(BaseModel):
+    label: str
+    score: float
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+def _texts(inputs) -> list[str]:
+    return [inputs] if isinstance(inputs, str) else list(inputs)
+
+
+@router.post("/embed", response_model=list[list[float]])
+async def embed(body: EmbedRequest, request: Request):
+    entry = state(request).registry.get(body.model)
+    if entry.manifest.task != "embedding":
+        raise InvalidInput(f"model {entry.name!r} is a {entry.manifest.task} model; use /predict")
+    if body.prompt_name is not None:
+        raise InvalidInput("prompt_name is not supported: this model has no prompts")
+    encoded = await encode_texts(request, entry, _texts(body.inputs), body.truncate,
+                                 body.truncation_direction.lower(), "inputs")
+    rows = await run(request, entry, encoded)
+    # Models whose graph normalizes (sentence-transformers Normalize) return unit vectors either way.
+    if body.normalize and not entry.manifest.normalize:
+        rows = l2_normalize(rows)
+    return FastJSONResponse(rows.tolist())
+
+
+@router.post("/predict", response_model=Union[list[Score], list[list[Score]]])
+async def predict(body: PredictRequest, request: Request):
+    entry = state(request).registry.get(body.model)
+    if entry.manifest.task != "classification":
+        raise InvalidInput(f"model {entry.name!r} is an {entry.manifest.task} model; use /embed")
+    single = isinstance(body.inputs, str)
+    if not single and body.inputs and isinstance(body.inputs[0], list):
+        raise InvalidInput("sentence pairs are not supported by this server's classifiers; send single texts")
+    encoded = await encode_texts(request, entry, _texts(body.inputs), body.truncate,
+                                 body.truncation_direction.lower(), "inputs")
+    logits = await run(request, entry, encoded)
+    scores = logits if body.raw_scores else softmax(logits)
+    labels = entry.manifest.labels or [str(i) for i in range(scores.shape[1])]
+    result = []
+    for row in scores:
+        order = np.argsort(-row)
+        result.append([{"label": labels[i], "score": float(row[i])} for i in order])
+    return FastJSONResponse(result[0] if single else result)
+
+
+@router.post("/tokenize", response_model=list[list[Token]])
+async def tokenize(body: TokenizeRequest, request: Request):
+    entry = state(request).registry.get(body.model)
+    texts = _texts(body.inputs)
+    check_texts(request, texts, "inputs")
+    return FastJSONResponse(entry.tokenizer.tokenize(texts, body.add_special_tokens))
+
+
+@router.get("/info")
+async def info(request: Request, model: str | None = None) -> dict:
+    entry = state(request).registry.get(model)
+    s = state(request).settings
+    m = entry.manifest
+    model_type = ({"embedding": {"pooling": m.pooling}} if m.task == "embedding"
+                  else {"classifier": {"id2label": {str(i): l for i, l in enumerate(m.labels or [])}}})
+    return {
+        "model_id": m.name, "model_version": m.version, "model_sha": m.files[m.model_file].sha256,
+        "model_dtype": m.precision, "model_format": m.format, "model_type": model_type,
+        "max_input_length": m.max_seq_len, "max_batch_tokens": s.max_batch_tokens,
+        "max_client_batch_size": s.max_inputs_per_request, "max_batch_requests": s.max_batch_size,
+        "max_concurrent_requests": s.max_queue_items, "tokenization_workers": s.tokenizer_threads,
+        "version": state(request).version, "embedding_dim": m.embedding_dim, "normalize": m.normalize,
+    }
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    registry = state(request).registry
+    entry = registry.get(None)  # 404/503 when the default model is missing or not ready
+    if not entry.ready:
+        raise NotReady("default model not ready")
+    return {"status": "ok", "model": entry.name, "version": entry.version}

@@ -1,0 +1,112 @@
+"""create_app(settings): the FastAPI application. Registry, batchers and pools hang off app.state."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from importlib import metadata
+
+from fastapi import FastAPI, Request
+from service.api.responses import FastJSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.api import openai, tei
+from service.api.errors import REQUEST_ID_HEADER, install_error_handlers, request_id
+from service.registry import Registry
+from service.settings import ServiceSettings
+
+log = logging.getLogger("bertserve")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("bertserve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class BodyLimit:
+    """Refuse bodies over the byte limit with 413 before they are read into memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or {}).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        from service.api.errors import error_response
+
+        response = error_response(Request(scope, receive), 413, "payload_too_large",
+                                  f"request body is larger than the limit of {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: ServiceSettings | None = None, registry: Registry | None = None) -> FastAPI:
+    """Build the app. A registry may be injected (tests use one with fake backends)."""
+    settings = settings or ServiceSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        reg = registry if registry is not None else Registry(settings)
+        app.state.registry = reg
+        if registry is None:
+            reg.load_all()
+        reg.start()
+        if not reg.ready:
+            log.error("not ready: %s", reg.problem or "no model loaded")
+        yield
+        await reg.stop(grace_s=settings.request_timeout_s)
+        app.state.tokenizer_pool.shutdown(wait=False)
+
+    app = FastAPI(title="bertserve", version=_version(), default_response_class=FastJSONResponse, lifespan=lifespan,
+                  description="Serving optimized BERT-family models: OpenAI, text-embeddings-inference and "
+                              "KServe v2 APIs over one dynamic batcher per model.")
+    app.state.settings = settings
+    app.state.version = _version()
+    app.state.started_at = time.time()
+    app.state.tokenizer_pool = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def _request_id(request: Request, call_next):
+        rid = request_id(request)
+        response = await call_next(request)
+        response.headers[REQUEST_ID_HEADER] = rid
+        return response
+
+    app.include_router(openai.router)
+    app.include_router(tei.router)
+    try:
+        from service.api import kserve
+
+        app.include_router(kserve.router)
+    except ImportError:  # pragma: no cover - while the KServe routes are being written
+        pass
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,47 @@
+"""A deterministic backend for API tests: no model file, no torch, outputs derived from the token ids.
+
+Each row depends only on that row's unpadded ids, so a test can check that batching with others of
+different lengths never changes an answer.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from service.backends.base import BackendInfo
+
+
+class FakeBackend:
+    def __init__(self, dim: int = 8, task: str = "embedding", num_labels: int = 3, normalize: bool = True,
+                 fail_when_token: int | None = None):
+        self.dim, self.task, self.num_labels, self.normalize = dim, task, num_labels, normalize
+        self.fail_when_token = fail_when_token  # raise for any batch containing this id (fault tests)
+        self.batches: list[tuple[int, int]] = []  # (batch size, padded length) of every call
+        self._lock = threading.Lock()
+        out = "sentence_embedding" if task == "embedding" else "logits"
+        self.info = BackendInfo(format="fake", precision="fp32", provider="cpu", output_name=out)
+
+    def warmup(self) -> None:
+        pass
+
+    def row(self, ids: np.ndarray) -> np.ndarray:
+        width = self.dim if self.task == "embedding" else self.num_labels
+        rng = np.random.default_rng(int(np.sum(ids * np.arange(1, len(ids) + 1)) % (2**32)))
+        vec = rng.standard_normal(width).astype(np.float32) + len(ids) / 10
+        if self.task == "embedding" and self.normalize:
+            vec /= np.linalg.norm(vec)
+        return vec
+
+    def infer(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        with self._lock:
+            self.batches.append(ids.shape)
+        if self.fail_when_token is not None and (ids == self.fail_when_token).any():
+            raise RuntimeError("fake backend failure: secret internal detail")
+        rows = [self.row(ids[i][mask[i].astype(bool)]) for i in range(ids.shape[0])]
+        return {self.info.output_name: np.stack(rows)}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,331 @@
+"""Dynamic batcher: an asyncio front that queues request items, worker threads that run batches.
+
+Requests arrive on the event loop; inference is synchronous and long (ONNX Runtime releases the GIL), so
+it runs in one thread per backend instance. The queue is shared under a ``threading.Condition``; which
+items go together is decided by the pure ``choose_batch`` policy. Per-request bookkeeping (results,
+futures) is touched only on the event loop, so it needs no lock: workers hand results back with
+``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from service import errors
+from service.batching.policy import BatchLimits, WorkItem, choose_batch
+
+logger = logging.getLogger(__name__)
+
+InferFn = Callable[[list[WorkItem]], list[Any]]
+EventHook = Callable[[str, dict], None]
+
+# After the grace period, how long stop() still waits for a batch already inside a backend; a hung
+# backend must not hang shutdown (the threads are daemons).
+_JOIN_AFTER_GRACE_S = 5.0
+# Weight of the newest batch in the running mean of inference time used for Retry-After.
+_EWMA_ALPHA = 0.2
+
+
+class _Request:
+    """One client request: its items, the future its caller awaits, and the results gathered so far."""
+
+    __slots__ = ("future", "items", "results", "remaining")
+
+    def __init__(self, future: asyncio.Future, size: int):
+        self.future = future
+        self.items: list[WorkItem] = []
+        self.results: list[Any] = [None] * size
+        self.remaining = size
+
+
+class Batcher:
+    """Queues items of many requests and runs them in batches on one worker thread per infer fn.
+
+    ``infer_fns``: one callable per backend instance; each gets a formed batch (list of WorkItem) and must
+    return one result per item, in the same order. ``on_event(kind, data)`` is a metrics hook called from
+    the event loop or from worker threads; its exceptions are logged and swallowed. Kinds:
+    ``"batch"`` {size, padded_tokens, real_tokens, queue_wait_s (list), infer_s, worker},
+    ``"rejected"`` {reason: overloaded|timeout|cancelled|shutdown, items} (once per request),
+    ``"error"`` {size, exception_type, worker} (once per failed batch).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        infer_fns: list[InferFn],
+        limits: BatchLimits,
+        max_queue_items: int,
+        on_event: EventHook | None = None,
+    ):
+        if not infer_fns:
+            raise ValueError("a batcher needs at least one infer fn")
+        if max_queue_items < 1:
+            raise ValueError(f"max_queue_items must be >= 1, got {max_queue_items}")
+        self.name = name
+        self.limits = limits
+        self.max_queue_items = max_queue_items
+        self._infer_fns = list(infer_fns)
+        self._on_event = on_event
+        # While draining nobody else will join, so waiting for companions would only delay shutdown.
+        self._drain_limits = dataclasses.replace(limits, max_queue_delay_s=0.0)
+
+        self._cond = threading.Condition()
+        self._queue: list[WorkItem] = []  # arrival order; guarded by _cond
+        self._closing = False  # no new submits; workers exit once the queue is empty
+        self._halted = False  # workers exit now, queue or not
+        self._infer_ewma_s: float | None = None
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads: list[threading.Thread] = []
+        self._pending: set[_Request] = set()  # event-loop only
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Spawn the worker threads; call from inside the running event loop, which results go back to."""
+        if self._loop is not None:
+            raise RuntimeError(f"batcher {self.name!r} already started")
+        self._loop = asyncio.get_running_loop()
+        for i, fn in enumerate(self._infer_fns):
+            thread = threading.Thread(
+                target=self._worker, args=(i, fn), name=f"batcher-{self.name}-{i}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new work, let queued work finish for up to ``grace_s``, then fail the rest (503).
+
+        Safe to call more than once and without ``start()``.
+        """
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        await self._wait_for_workers(grace_s)
+
+        with self._cond:
+            leftover, self._queue = self._queue, []
+            self._halted = True
+            self._cond.notify_all()
+        self._fail_requests(leftover, lambda: errors.NotReady("server is shutting down"), "shutdown")
+
+        await self._wait_for_workers(_JOIN_AFTER_GRACE_S)
+        await asyncio.sleep(0)  # run the deliveries the last workers posted just before they exited
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            logger.warning("batcher %s: workers still inside inference at shutdown: %s", self.name, alive)
+        # Anything still unanswered belongs to a batch stuck in a backend; its caller should not hang.
+        stuck = [r.items[0] for r in list(self._pending) if r.items]
+        self._fail_requests(stuck, lambda: errors.NotReady("server is shutting down"), "shutdown")
+
+    async def _wait_for_workers(self, timeout_s: float) -> None:
+        # Polling keeps the event loop free to deliver the results the draining workers post to it.
+        end = time.monotonic() + max(0.0, timeout_s)
+        while any(t.is_alive() for t in self._threads) and time.monotonic() < end:
+            await asyncio.sleep(0.005)
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting in the queue (not counting batches already inside a backend)."""
+        with self._cond:
+            return len(self._queue)
+
+    # ----------------------------------------------------------------- event-loop side
+
+    async def submit(self, payloads: Sequence[tuple[Any, int]], deadline: float | None = None) -> list[Any]:
+        """Run the ``(payload, length)`` items of one request; return their results in the same order.
+
+        ``deadline`` is in ``time.monotonic()`` seconds: an item not started by then fails the request
+        with DeadlineExceeded. Raises Overloaded (nothing enqueued) when the queue has no room,
+        PayloadTooLarge when the request alone exceeds the queue, NotReady when not started or stopping,
+        InferenceFailed when a batch holding one of its items failed. Cancelling the caller drops its
+        still-queued items.
+        """
+        if not payloads:
+            return []
+        if self._loop is None:
+            raise errors.NotReady(f"model {self.name!r} is not ready")
+        loop = asyncio.get_running_loop()
+        request = _Request(loop.create_future(), len(payloads))
+        now = time.monotonic()
+        for index, (payload, length) in enumerate(payloads):
+            if length < 1:
+                raise ValueError(f"item {index} has length {length}; every item has at least one token")
+            request.items.append(WorkItem(length, now, deadline, request, index, payload))
+
+        if len(payloads) > self.max_queue_items:
+            raise errors.PayloadTooLarge(
+                f"request has {len(payloads)} inputs; at most {self.max_queue_items} fit in the queue"
+            )
+        retry_after_s = None
+        with self._cond:
+            if self._closing:
+                raise errors.NotReady(f"model {self.name!r} is shutting down")
+            if len(self._queue) + len(payloads) > self.max_queue_items:
+                retry_after_s = self._retry_after_s()
+            else:
+                self._queue.extend(request.items)
+                self._cond.notify()
+        if retry_after_s is not None:
+            self._emit("rejected", {"reason": "overloaded", "items": len(payloads)})
+            raise errors.Overloaded(f"model {self.name!r} is overloaded; retry later", retry_after_s)
+
+        self._pending.add(request)
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            if self._withdraw(request):
+                self._emit("rejected", {"reason": "cancelled", "items": len(payloads)})
+            raise
+        finally:
+            self._pending.discard(request)
+
+    def _retry_after_s(self) -> int:
+        """Whole seconds until the current queue is likely worked off; called with the lock held."""
+        per_batch_s = self._infer_ewma_s or 0.0
+        batches = math.ceil(len(self._queue) / self.limits.max_batch_size)
+        estimate = batches * per_batch_s / len(self._infer_fns) + self.limits.max_queue_delay_s
+        return max(1, math.ceil(estimate))
+
+    def _withdraw(self, request: _Request) -> bool:
+        """Mark a request's items cancelled and take those still queued out; True if any were queued."""
+        with self._cond:
+            for item in request.items:
+                item.cancelled = True
+            before = len(self._queue)
+            self._queue = [item for item in self._queue if not item.cancelled]
+            return len(self._queue) < before
+
+    def _deliver(self, batch: list[WorkItem], results: list[Any]) -> None:
+        """Event loop: file each result under its request; complete requests whose items are all back."""
+        for item, result in zip(batch, results):
+            request: _Request = item.request
+            if request.future.done():  # failed or cancelled meanwhile
+                continue
+            request.results[item.index] = result
+            request.remaining -= 1
+            if request.remaining == 0:
+                request.future.set_result(request.results)
+
+    def _fail_requests(self, items: list[WorkItem], make_error: Callable[[], Exception], reason: str) -> None:
+        """Event loop: fail each distinct request owning one of ``items`` and withdraw its other items."""
+        seen: set[int] = set()
+        for item in items:
+            request: _Request = item.request
+            if id(request) in seen or request.future.done():
+                continue
+            seen.add(id(request))
+            request.future.set_exception(make_error())
+            self._withdraw(request)
+            if reason != "error":  # a failed batch is reported once, as an "error" event, by its worker
+                self._emit("rejected", {"reason": reason, "items": len(request.items)})
+
+    def _expire(self, items: list[WorkItem], now: float) -> None:
+        """Event loop: fail the requests of items whose deadline passed while queued."""
+        for item in items:
+            waited = now - item.enqueued_at
+            self._fail_requests(
+                [item],
+                lambda w=waited: errors.DeadlineExceeded(
+                    f"request timed out after {w:.3f}s in the queue of model {self.name!r}"
+                ),
+                "timeout",
+            )
+
+    def _post(self, callback: Callable, *args: Any) -> None:
+        """Worker thread: run ``callback(*args)`` on the event loop."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # loop closed: nobody is left waiting for the answer
+            logger.debug("batcher %s: event loop closed, dropping a delivery", self.name)
+
+    def _emit(self, kind: str, data: dict) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(kind, data)
+        except Exception:
+            logger.exception("batcher %s: on_event hook failed for %r", self.name, kind)
+
+    # ----------------------------------------------------------------- worker side
+
+    def _worker(self, worker: int, infer_fn: InferFn) -> None:
+        """Worker thread: take batches until stopped; inference happens outside the lock."""
+        while True:
+            taken = self._take()
+            if taken is None:
+                return
+            batch, expired, now = taken
+            if expired:
+                self._post(self._expire, expired, now)
+            if batch:
+                self._run(worker, infer_fn, batch, now)
+
+    def _take(self) -> tuple[list[WorkItem], list[WorkItem], float] | None:
+        """Block until there is a batch or expired items to hand out; None when the worker should exit."""
+        with self._cond:
+            while True:
+                if self._halted:
+                    return None
+                now = time.monotonic()
+                decision = choose_batch(
+                    self._queue, self._drain_limits if self._closing else self.limits, now
+                )
+                gone = set(decision.batch) | set(decision.expired) | set(decision.cancelled)
+                if gone:
+                    self._queue = [item for item in self._queue if item not in gone]
+                if decision.batch or decision.expired:
+                    if self._queue:  # another idle worker may be able to form the next batch
+                        self._cond.notify()
+                    return decision.batch, decision.expired, now
+                if self._closing and not self._queue:
+                    return None
+                self._cond.wait(decision.wait_s)
+
+    def _run(self, worker: int, infer_fn: InferFn, batch: list[WorkItem], taken_at: float) -> None:
+        """Worker thread: run one batch and post its results, or its failure, back to the event loop."""
+        started = time.monotonic()
+        try:
+            results = list(infer_fn(batch))
+            if len(results) != len(batch):
+                raise RuntimeError(f"infer fn returned {len(results)} results for {len(batch)} items")
+        except Exception as exc:
+            logger.exception(
+                "batcher %s: inference failed on worker %d for %d items", self.name, worker, len(batch)
+            )
+            self._emit("error", {"size": len(batch), "exception_type": type(exc).__name__, "worker": worker})
+            self._post(
+                self._fail_requests,
+                batch,
+                lambda: errors.InferenceFailed(f"inference failed in model {self.name!r}"),
+                "error",
+            )
+            return
+        infer_s = time.monotonic() - started
+        with self._cond:
+            previous = self._infer_ewma_s
+            if previous is not None:
+                infer_s_mean = previous + _EWMA_ALPHA * (infer_s - previous)
+            else:
+                infer_s_mean = infer_s
+            self._infer_ewma_s = infer_s_mean
+        self._post(self._deliver, batch, results)
+        self._emit(
+            "batch",
+            {
+                "size": len(batch),
+                "padded_tokens": len(batch) * max(item.length for item in batch),
+                "real_tokens": sum(item.length for item in batch),
+                "queue_wait_s": [taken_at - item.enqueued_at for item in batch],
+                "infer_s": infer_s,
+                "worker": worker,
+            },
+        )

@@ -1,0 +1,72 @@
+"""One error tree for the service; the API maps it to HTTP status codes in one place (api/errors.py)."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error a client may see. ``type`` is the machine-readable name in the JSON body."""
+
+    status_code = 500
+    type = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(ServiceError):
+    status_code = 400
+    type = "bad_request"
+
+
+class InvalidInput(ServiceError):
+    status_code = 422
+    type = "invalid_input"
+
+
+class ModelNotFound(ServiceError):
+    status_code = 404
+    type = "model_not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    type = "payload_too_large"
+
+
+class Overloaded(ServiceError):
+    status_code = 429
+    type = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after_s)))})
+
+
+class NotReady(ServiceError):
+    status_code = 503
+    type = "not_ready"
+
+
+class DeadlineExceeded(ServiceError):
+    status_code = 503
+    type = "timeout"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    type = "unauthorized"
+
+
+class InferenceFailed(ServiceError):
+    """The backend raised while running a batch; the message never carries the backend's text."""
+
+    status_code = 500
+    type = "inference_failed"
+
+
+class ClientDisconnected(ServiceError):
+    """The client went away before its answer was ready; nobody reads this response."""
+
+    status_code = 499
+    type = "client_disconnected"

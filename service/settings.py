@@ -1,0 +1,53 @@
+"""Run-time settings: one object, read from BERTSERVE_* environment variables once, passed everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BERTSERVE_", extra="ignore", protected_namespaces=())
+
+    # Where and what to serve
+    model_store: Path = Path("model_store")
+    default_model: str = "minilm"
+    # "latest" or "latest:N" (the N newest versions of each name) or "specific:NAME=1,2;OTHER=3"
+    version_policy: str = "latest"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    # Backends
+    intra_op_threads: int = Field(0, ge=0)  # 0 = one per core
+    instances_per_model: int = Field(1, ge=1, le=16)  # backend instances (worker threads) per model
+
+    # Dynamic batching
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    max_batch_tokens: int = Field(8192, ge=16)  # padded: batch size x longest item
+    max_queue_delay_ms: float = Field(2.0, ge=0, le=1000)
+    max_queue_items: int = Field(4096, ge=1)  # beyond this, 429 with Retry-After
+
+    # Requests
+    request_timeout_s: float = Field(30.0, gt=0)  # deadline for an item to reach inference
+    max_inputs_per_request: int = Field(256, ge=1)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_chars_per_text: int = Field(100_000, ge=1)
+    tokenizer_threads: int = Field(2, ge=1, le=64)
+
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServiceSettings":
+        if self.max_batch_tokens < 16:
+            raise ValueError("max_batch_tokens must hold at least one short item")
+        return self
+
+    @property
+    def threads(self) -> int:
+        import os
+
+        return self.intra_op_threads or os.cpu_count() or 1

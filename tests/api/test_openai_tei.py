@@ -1,0 +1,176 @@
+"""OpenAI and TEI routes through the real app (fake backends): answers, encodings and every bad input."""
+
+from __future__ import annotations
+
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from tests.api.conftest import LABELS
+
+
+def expected_row(client, text: str, model: str = "minilm", truncate: bool = False, direction: str = "right"):
+    entry = client.registry.get(model)
+    enc = entry.tokenizer.encode_texts([text], truncate, direction)[0]
+    return entry.backends[0].row(enc.ids), len(enc)
+
+
+def assert_error(response, status: int, type_: str, *needles: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["type"] == type_, body
+    assert response.headers.get("x-request-id") == body["error"]["request_id"]
+    for needle in needles:
+        assert needle in body["error"]["message"], (needle, body)
+    return body
+
+
+# ------------------------------------------------------------------ OpenAI
+
+
+def test_single_string(client):
+    r = client.post("/v1/embeddings", json={"input": "Oil prices rose.", "model": "minilm"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    want, tokens = expected_row(client, "Oil prices rose.")
+    assert body["object"] == "list" and body["model"] == "minilm"
+    assert body["data"][0]["index"] == 0 and body["data"][0]["object"] == "embedding"
+    np.testing.assert_allclose(body["data"][0]["embedding"], want, atol=1e-6)
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def test_list_of_strings_keeps_order_and_default_model(client):
+    texts = ["a much longer sentence about grain exports and shipping", "short", "medium length text here"]
+    body = client.post("/v1/embeddings", json={"input": texts}).json()
+    assert [d["index"] for d in body["data"]] == [0, 1, 2]
+    for text, item in zip(texts, body["data"]):
+        np.testing.assert_allclose(item["embedding"], expected_row(client, text)[0], atol=1e-6)
+
+
+def test_token_id_inputs_match_text(client):
+    entry = client.registry.get("minilm")
+    enc = entry.tokenizer.encode_texts(["wheat exports fell"], False)[0]
+    raw = [int(t) for t in enc.ids[1:-1]]  # without [CLS]/[SEP]: the server adds them
+    one = client.post("/v1/embeddings", json={"input": raw}).json()
+    many = client.post("/v1/embeddings", json={"input": [raw, enc.ids.tolist()]}).json()
+    want = expected_row(client, "wheat exports fell")[0]
+    for item in [one["data"][0], *many["data"]]:
+        np.testing.assert_allclose(item["embedding"], want, atol=1e-6)
+
+
+def test_base64_and_dimensions(client):
+    plain = client.post("/v1/embeddings", json={"input": ["x y z"]}).json()["data"][0]["embedding"]
+    b64 = client.post("/v1/embeddings", json={"input": ["x y z"], "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(decoded, plain, atol=1e-7)
+    cut = client.post("/v1/embeddings", json={"input": "x y z", "dimensions": 4}).json()["data"][0]["embedding"]
+    assert len(cut) == 4
+    np.testing.assert_allclose(cut, np.array(plain[:4]) / np.linalg.norm(plain[:4]), atol=1e-6)
+    assert_error(client.post("/v1/embeddings", json={"input": "x", "dimensions": 9}), 422, "invalid_input", "dimensions")
+
+
+def test_models_list(client):
+    ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
+    assert ids == {"minilm", "clf"}
+
+
+@pytest.mark.parametrize("payload,status,type_,needle", [
+    ({"input": []}, 422, "invalid_input", "empty"),
+    ({"input": ""}, 422, "invalid_input", "empty string"),
+    ({"input": ["fine", "   "]}, 422, "invalid_input", "input[1]"),
+    ({"input": ["t"] * 17}, 413, "payload_too_large", "at most 16"),
+    ({"input": "word " * 40}, 422, "invalid_input", "max_seq_len of 32"),
+    ({"input": [[101, 99999999, 102]]}, 422, "invalid_input", "outside this model's vocabulary"),
+    ({"input": [-1]}, 422, "invalid_input", "vocabulary"),
+    ({"input": 5}, 422, "invalid_input", "input"),
+    ({"input": "x", "encoding_format": "hex"}, 422, "invalid_input", "encoding_format"),
+    ({"input": "x", "model": "nope"}, 404, "model_not_found", "nope"),
+    ({"input": "x", "model": "clf"}, 422, "invalid_input", "classification"),
+    ({}, 422, "invalid_input", "input"),
+])
+def test_bad_openai_requests(client, payload, status, type_, needle):
+    assert_error(client.post("/v1/embeddings", json=payload), status, type_, needle)
+
+
+def test_body_limits_and_broken_bodies(client):
+    assert_error(client.post("/v1/embeddings", json={"input": "x" * 30_000}), 413, "payload_too_large", "20000 bytes")
+    r = client.post("/v1/embeddings", content=b'{"input": "unclosed', headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422) and "error" in r.json()
+    r = client.post("/v1/embeddings", content=b'{"input": "\xff\xfe bad utf8"}', headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422) and "error" in r.json()
+    # The server is still fine afterwards.
+    assert client.post("/v1/embeddings", json={"input": "still alive"}).status_code == 200
+
+
+def test_concurrent_mixed_lengths_are_each_answered_correctly(client):
+    words = "market oil grain bank shares profit trade ship rates talks".split()
+    requests = [[" ".join(words[: 1 + (i * 7 + j * 3) % 10]) for j in range(1 + i % 5)] for i in range(48)]
+
+    def call(texts):
+        return texts, client.post("/v1/embeddings", json={"input": texts}).json()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, requests))
+    for texts, body in results:
+        assert len(body["data"]) == len(texts)
+        for text, item in zip(texts, body["data"]):
+            np.testing.assert_allclose(item["embedding"], expected_row(client, text)[0], atol=1e-6)
+    sizes = [shape[0] for shape in client.registry.get("minilm").backends[0].batches]
+    assert max(sizes) > 1, "concurrent requests should have been batched together"
+    assert max(sizes) <= 8  # max_batch_size
+
+
+# ------------------------------------------------------------------ TEI
+
+
+def test_embed(client):
+    r = client.post("/embed", json={"inputs": "hello world"})
+    assert r.status_code == 200
+    np.testing.assert_allclose(r.json()[0], expected_row(client, "hello world")[0], atol=1e-6)
+    assert len(client.post("/embed", json={"inputs": ["a", "b c"]}).json()) == 2
+
+
+def test_embed_truncation(client):
+    long_text = " ".join(f"w{i}" for i in range(60))
+    assert_error(client.post("/embed", json={"inputs": long_text}), 422, "invalid_input", "max_seq_len")
+    right = client.post("/embed", json={"inputs": long_text, "truncate": True}).json()[0]
+    left = client.post("/embed", json={"inputs": long_text, "truncate": True, "truncation_direction": "Left"}).json()[0]
+    np.testing.assert_allclose(right, expected_row(client, long_text, truncate=True)[0], atol=1e-6)
+    np.testing.assert_allclose(left, expected_row(client, long_text, truncate=True, direction="left")[0], atol=1e-6)
+    assert not np.allclose(left, right)
+
+
+def test_predict_single_and_batch(client):
+    single = client.post("/predict", json={"inputs": "great results", "model": "clf"}).json()
+    assert [s["label"] for s in single] and {s["label"] for s in single} == set(LABELS)
+    assert abs(sum(s["score"] for s in single) - 1) < 1e-5
+    assert single == sorted(single, key=lambda s: -s["score"])
+    batch = client.post("/predict", json={"inputs": ["a", "b b"], "model": "clf"}).json()
+    assert len(batch) == 2 and all(len(row) == 3 for row in batch)
+    raw = client.post("/predict", json={"inputs": "great results", "model": "clf", "raw_scores": True}).json()
+    logits = client.registry.get("clf").backends[0].row(
+        client.registry.get("clf").tokenizer.encode_texts(["great results"], False)[0].ids)
+    assert sorted(s["score"] for s in raw) == pytest.approx(sorted(logits.tolist()), abs=1e-5)
+    assert_error(client.post("/predict", json={"inputs": "x"}), 422, "invalid_input", "/embed")
+
+
+def test_tokenize_info_health(client):
+    tokens = client.post("/tokenize", json={"inputs": "Hello world"}).json()
+    assert [t["text"] for t in tokens[0]] == ["[CLS]", "hello", "world", "[SEP]"]
+    assert tokens[0][1]["start"] == 0 and tokens[0][1]["stop"] == 5 and tokens[0][0]["special"] is True
+    info = client.get("/info").json()
+    assert info["model_id"] == "minilm" and info["max_input_length"] == 32
+    assert info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert client.get("/info", params={"model": "clf"}).json()["model_type"]["classifier"]["id2label"]["2"] == "positive"
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_openapi_describes_routes(client):
+    schema = client.get("/openapi.json").json()
+    for path in ("/v1/embeddings", "/v1/models", "/embed", "/predict", "/tokenize", "/info", "/health"):
+        assert path in schema["paths"], path
+    body = schema["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("EmbeddingRequest")

@@ -1,0 +1,326 @@
+"""Batcher: real threads and a real event loop, fake infer fns. No timing assertions: where a test needs
+the worker busy it blocks the infer fn on an Event instead of relying on sleeps."""
+
+import asyncio
+import logging
+import threading
+import time
+
+import pytest
+
+from service import errors
+from service.batching import Batcher, BatchLimits
+
+IMMEDIATE = BatchLimits(max_batch_size=8, max_batch_tokens=10_000, max_queue_delay_s=0.0)
+TIMEOUT_S = 5.0
+
+
+def run(coro):
+    """Run one test coroutine; a generous timeout turns a hang into a failure."""
+
+    async def bounded():
+        return await asyncio.wait_for(coro, TIMEOUT_S)
+
+    return asyncio.run(bounded())
+
+
+def doubling(seen=None, delay_s=0.0):
+    """Infer fn returning payload * 2; records every batch's payloads in ``seen``."""
+
+    def infer(batch):
+        if seen is not None:
+            seen.append([item.payload for item in batch])
+        if delay_s:
+            time.sleep(delay_s)
+        return [item.payload * 2 for item in batch]
+
+    return infer
+
+
+class Gate:
+    """An infer fn that holds its first batch until released, so a test can keep the worker busy."""
+
+    def __init__(self):
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.seen = []
+
+    def __call__(self, batch):
+        self.seen.append([item.payload for item in batch])
+        self.entered.set()
+        assert self.release.wait(TIMEOUT_S)
+        return [item.payload * 2 for item in batch]
+
+    async def wait_entered(self):
+        assert await asyncio.to_thread(self.entered.wait, TIMEOUT_S)
+
+
+def payloads(*values, length=4):
+    return [(v, length) for v in values]
+
+
+async def wait_for_depth(batcher, depth):
+    while batcher.queue_depth != depth:
+        await asyncio.sleep(0.001)
+
+
+def test_concurrent_requests_of_mixed_sizes_get_their_own_results_in_order():
+    async def main():
+        seen = []
+        limits = BatchLimits(max_batch_size=4, max_batch_tokens=10_000, max_queue_delay_s=0.002)
+        batcher = Batcher("m", [doubling(seen, 0.001)], limits, max_queue_items=1000)
+        batcher.start()
+        requests = [[(r * 100 + i, 1 + (r + i) % 9) for i in range(1 + r % 7)] for r in range(30)]
+        results = await asyncio.gather(*(batcher.submit(p) for p in requests))
+        await batcher.stop(grace_s=1.0)
+        for request, result in zip(requests, results):
+            assert result == [value * 2 for value, _ in request]
+        assert all(len(batch) <= 4 for batch in seen)
+        assert sum(len(batch) for batch in seen) == sum(len(r) for r in requests)
+
+    run(main())
+
+
+def test_request_larger_than_batch_is_split_and_reassembled():
+    async def main():
+        seen = []
+        limits = BatchLimits(max_batch_size=2, max_batch_tokens=10_000, max_queue_delay_s=0.0)
+        batcher = Batcher("m", [doubling(seen)], limits, max_queue_items=100)
+        batcher.start()
+        result = await batcher.submit(payloads(*range(7)))
+        await batcher.stop(grace_s=1.0)
+        assert result == [v * 2 for v in range(7)]
+        assert len(seen) >= 4 and all(len(batch) <= 2 for batch in seen)
+
+    run(main())
+
+
+def test_queue_full_raises_overloaded_with_retry_after_and_enqueues_nothing():
+    async def main():
+        gate = Gate()
+        events = []
+        batcher = Batcher("m", [gate], IMMEDIATE, max_queue_items=3, on_event=lambda k, d: events.append((k, d)))
+        batcher.start()
+        busy = asyncio.create_task(batcher.submit(payloads(1)))
+        await gate.wait_entered()  # the worker holds request 1; the queue is empty again
+        queued = asyncio.create_task(batcher.submit(payloads(2, 3)))
+        await wait_for_depth(batcher, 2)
+
+        with pytest.raises(errors.Overloaded) as info:
+            await batcher.submit(payloads(4, 5))  # 2 + 2 > 3: all or nothing
+        assert info.value.status_code == 429
+        assert int(info.value.headers["Retry-After"]) >= 1
+        assert batcher.queue_depth == 2
+        assert ("rejected", {"reason": "overloaded", "items": 2}) in events
+
+        gate.release.set()
+        assert await busy == [2]
+        assert await queued == [4, 6]
+        assert await batcher.submit(payloads(4, 5)) == [8, 10]  # room again
+        await batcher.stop(grace_s=1.0)
+        assert all(4 not in batch for batch in gate.seen[:2])
+
+    run(main())
+
+
+def test_request_larger_than_the_whole_queue_is_payload_too_large():
+    async def main():
+        batcher = Batcher("m", [doubling()], IMMEDIATE, max_queue_items=3)
+        batcher.start()
+        with pytest.raises(errors.PayloadTooLarge):
+            await batcher.submit(payloads(1, 2, 3, 4))
+        await batcher.stop(grace_s=1.0)
+
+    run(main())
+
+
+def test_deadline_expiry_raises_and_item_never_reaches_inference():
+    async def main():
+        gate = Gate()
+        events = []
+        batcher = Batcher("m", [gate], IMMEDIATE, max_queue_items=10, on_event=lambda k, d: events.append((k, d)))
+        batcher.start()
+        busy = asyncio.create_task(batcher.submit(payloads(1)))
+        await gate.wait_entered()
+        late = asyncio.create_task(batcher.submit(payloads(7, 8), deadline=time.monotonic() + 0.01))
+        await wait_for_depth(batcher, 2)
+        await asyncio.sleep(0.05)  # past the deadline while the only worker is busy
+        gate.release.set()
+
+        with pytest.raises(errors.DeadlineExceeded) as info:
+            await late
+        assert "timed out after" in info.value.message
+        assert info.value.status_code == 503
+        assert await busy == [2]
+        await batcher.stop(grace_s=1.0)
+        assert gate.seen == [[1]]
+        assert [d for k, d in events if k == "rejected"] == [{"reason": "timeout", "items": 2}]
+
+    run(main())
+
+
+def test_cancelled_caller_drops_its_items_before_inference():
+    async def main():
+        gate = Gate()
+        events = []
+        batcher = Batcher("m", [gate], IMMEDIATE, max_queue_items=10, on_event=lambda k, d: events.append((k, d)))
+        batcher.start()
+        busy = asyncio.create_task(batcher.submit(payloads(1)))
+        await gate.wait_entered()
+        gone = asyncio.create_task(batcher.submit(payloads(7, 8, 9)))
+        await wait_for_depth(batcher, 3)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert batcher.queue_depth == 0
+
+        gate.release.set()
+        assert await busy == [2]
+        assert await batcher.submit(payloads(3)) == [6]
+        await batcher.stop(grace_s=1.0)
+        assert gate.seen == [[1], [3]]
+        assert ("rejected", {"reason": "cancelled", "items": 3}) in events
+
+    run(main())
+
+
+def test_failing_batch_fails_only_its_requests_and_batcher_keeps_serving(caplog):
+    def infer(batch):
+        if any(item.payload == "boom" for item in batch):
+            raise RuntimeError("secret backend detail")
+        return [item.payload * 2 for item in batch]
+
+    async def main():
+        events = []
+        limits = BatchLimits(max_batch_size=1, max_batch_tokens=10_000, max_queue_delay_s=0.0)
+        batcher = Batcher("m", [infer], limits, max_queue_items=10, on_event=lambda k, d: events.append((k, d)))
+        batcher.start()
+        results = await asyncio.gather(
+            batcher.submit(payloads(1)),
+            batcher.submit(payloads("boom")),
+            batcher.submit(payloads(3)),
+            return_exceptions=True,
+        )
+        assert results[0] == [2] and results[2] == [6]
+        assert isinstance(results[1], errors.InferenceFailed)
+        assert results[1].status_code == 500
+        assert "secret" not in results[1].message and "secret" not in str(results[1])
+        assert await batcher.submit(payloads(5)) == [10]
+        await batcher.stop(grace_s=1.0)
+        assert [d["exception_type"] for k, d in events if k == "error"] == ["RuntimeError"]
+
+    with caplog.at_level(logging.ERROR, logger="service.batching.batcher"):
+        run(main())
+    failures = [r for r in caplog.records if r.exc_info]
+    assert len(failures) == 1 and "secret backend detail" in str(failures[0].exc_info[1])
+
+
+def test_split_request_fails_whole_when_one_of_its_batches_fails():
+    def infer(batch):
+        if any(item.payload == 3 for item in batch):
+            raise ValueError("bad")
+        return [item.payload for item in batch]
+
+    async def main():
+        limits = BatchLimits(max_batch_size=2, max_batch_tokens=10_000, max_queue_delay_s=0.0)
+        batcher = Batcher("m", [infer], limits, max_queue_items=10)
+        batcher.start()
+        with pytest.raises(errors.InferenceFailed):
+            await batcher.submit(payloads(0, 1, 2, 3, 4, 5))
+        assert await batcher.submit(payloads(9)) == [9]
+        await batcher.stop(grace_s=1.0)
+
+    run(main())
+
+
+def test_two_workers_both_used():
+    # Each worker's first batch waits at the barrier: it only passes if both workers run at once.
+    barrier = threading.Barrier(2, timeout=TIMEOUT_S)
+    threads_used = set()
+
+    def make_infer():
+        def infer(batch):
+            threads_used.add(threading.current_thread().name)
+            barrier.wait()
+            return [item.payload * 2 for item in batch]
+
+        return infer
+
+    async def main():
+        limits = BatchLimits(max_batch_size=1, max_batch_tokens=10_000, max_queue_delay_s=0.0)
+        batcher = Batcher("m", [make_infer(), make_infer()], limits, max_queue_items=10)
+        batcher.start()
+        assert await asyncio.gather(batcher.submit(payloads(1)), batcher.submit(payloads(2))) == [[2], [4]]
+        await batcher.stop(grace_s=1.0)
+
+    run(main())
+    assert threads_used == {"batcher-m-0", "batcher-m-1"}
+
+
+def test_stop_drains_queued_work_then_refuses_new_work():
+    async def main():
+        limits = BatchLimits(max_batch_size=2, max_batch_tokens=10_000, max_queue_delay_s=10.0)
+        batcher = Batcher("m", [doubling(delay_s=0.001)], limits, max_queue_items=100)
+        batcher.start()
+        # With a 10 s delay, one item would wait; stop() must not make it wait for companions.
+        tasks = [asyncio.create_task(batcher.submit(payloads(i))) for i in range(5)]
+        await wait_for_depth(batcher, 1)
+        await batcher.stop(grace_s=TIMEOUT_S - 1)
+        assert [await t for t in tasks] == [[i * 2] for i in range(5)]
+        assert not any(t.is_alive() for t in batcher._threads)
+        with pytest.raises(errors.NotReady):
+            await batcher.submit(payloads(1))
+
+    run(main())
+
+
+def test_stop_after_grace_fails_what_is_still_queued():
+    async def main():
+        gate = Gate()
+        batcher = Batcher("m", [gate], IMMEDIATE, max_queue_items=10)
+        batcher.start()
+        busy = asyncio.create_task(batcher.submit(payloads(1)))
+        await gate.wait_entered()
+        queued = asyncio.create_task(batcher.submit(payloads(2)))
+        await wait_for_depth(batcher, 1)
+        asyncio.get_running_loop().call_later(0.05, gate.release.set)
+        await batcher.stop(grace_s=0.01)
+        with pytest.raises(errors.NotReady):
+            await queued
+        assert await busy == [2]  # the batch already inside the backend still answers
+        assert gate.seen == [[1]]
+
+    run(main())
+
+
+def test_submit_before_start_is_not_ready_and_empty_request_is_empty():
+    async def main():
+        batcher = Batcher("m", [doubling()], IMMEDIATE, max_queue_items=10)
+        assert await batcher.submit([]) == []
+        with pytest.raises(errors.NotReady):
+            await batcher.submit(payloads(1))
+        await batcher.stop(grace_s=0.1)
+
+    run(main())
+
+
+def test_batch_event_and_a_failing_hook_do_not_break_serving(caplog):
+    events = []
+
+    def hook(kind, data):
+        events.append((kind, data))
+        raise RuntimeError("metrics down")
+
+    async def main():
+        batcher = Batcher("m", [doubling()], IMMEDIATE, max_queue_items=10, on_event=hook)
+        batcher.start()
+        assert await batcher.submit([(1, 3), (2, 5)]) == [2, 4]
+        await batcher.stop(grace_s=1.0)
+
+    with caplog.at_level(logging.ERROR, logger="service.batching.batcher"):
+        run(main())
+    batches = [d for k, d in events if k == "batch"]
+    assert sum(d["size"] for d in batches) == 2
+    for d in batches:
+        assert set(d) >= {"size", "padded_tokens", "real_tokens", "queue_wait_s", "infer_s"}
+        assert d["padded_tokens"] >= d["real_tokens"] and len(d["queue_wait_s"]) == d["size"]
