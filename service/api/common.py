@@ -61,10 +61,32 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def request_timeout(request: Request) -> float:
+    """The server's deadline, or a shorter one the client asks for in the X-Request-Timeout header (s)."""
+    limit = state(request).settings.request_timeout_s
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return limit
+    try:
+        asked = float(raw)
+    except ValueError:
+        asked = -1.0
+    if not asked > 0:
+        raise InvalidInput(f"{TIMEOUT_HEADER} must be a positive number of seconds, got {raw[:32]!r}")
+    return min(asked, limit)
+
+
 async def run(request: Request, entry: ModelEntry, encoded: list[Encoded], timeout_s: float | None = None) -> np.ndarray:
-    """Rows of the model output for each encoded input, in order; batched with other requests."""
-    settings = state(request).settings
-    deadline = time.monotonic() + (timeout_s if timeout_s is not None else settings.request_timeout_s)
+    """Rows of the model output for each encoded input, in order; batched with other requests.
+
+    ``timeout_s`` is a per-request timeout from the request body (KServe parameters); otherwise
+    the X-Request-Timeout header or the server's setting applies.
+    """
+    wait = request_timeout(request) if timeout_s is None else min(timeout_s, state(request).settings.request_timeout_s)
+    deadline = time.monotonic() + wait
     submit = asyncio.ensure_future(entry.batcher.submit([(e, len(e)) for e in encoded], deadline))
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:

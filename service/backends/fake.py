@@ -15,10 +15,12 @@ from service.backends.base import BackendInfo
 
 class FakeBackend:
     def __init__(self, dim: int = 8, task: str = "embedding", num_labels: int = 3, normalize: bool = True,
-                 fail_when_token: int | None = None):
+                 fail_when_token: int | None = None, delay_s: float = 0.0):
         self.dim, self.task, self.num_labels, self.normalize = dim, task, num_labels, normalize
         self.fail_when_token = fail_when_token  # raise for any batch containing this id (fault tests)
+        self.delay_s = delay_s  # simulated inference time, for queueing and timeout tests
         self.batches: list[tuple[int, int]] = []  # (batch size, padded length) of every call
+        self.seen_ids: list[list[int]] = []  # every row that reached inference, unpadded
         self._lock = threading.Lock()
         out = "sentence_embedding" if task == "embedding" else "logits"
         self.info = BackendInfo(format="fake", precision="fp32", provider="cpu", output_name=out)
@@ -38,6 +40,11 @@ class FakeBackend:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         with self._lock:
             self.batches.append(ids.shape)
+            self.seen_ids.extend(ids[i][mask[i].astype(bool)].tolist() for i in range(ids.shape[0]))
+        if self.delay_s:
+            import time
+
+            time.sleep(self.delay_s)
         if self.fail_when_token is not None and (ids == self.fail_when_token).any():
             raise RuntimeError("fake backend failure: secret internal detail")
         rows = [self.row(ids[i][mask[i].astype(bool)]) for i in range(ids.shape[0])]

@@ -1,0 +1,124 @@
+"""Overload, deadlines, disconnects and backend faults: each fails only the requests it concerns."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.backends.fake import FakeBackend
+from service.settings import ServiceSettings
+from tests.api.conftest import make_registry
+
+
+def token_id(registry, word: str) -> int:
+    return int(registry.get("minilm").tokenizer.encode_texts([word], False)[0].ids[1])
+
+
+def slow_client(tmp_path, delay_s=0.3, **overrides):
+    settings = ServiceSettings(model_store=tmp_path, max_batch_size=1, max_queue_delay_ms=0, **overrides)
+    backend = FakeBackend(dim=8, delay_s=delay_s)
+    registry = make_registry(tmp_path, settings, {"minilm": backend})
+    return TestClient(create_app(settings, registry=registry)), backend, registry
+
+
+def test_expired_items_get_503_and_never_reach_the_backend(tmp_path):
+    client, backend, registry = slow_client(tmp_path, delay_s=0.4)
+    words = ["alpha", "bravo", "charlie", "delta"]
+    with client:
+        def call(word):
+            return word, client.post("/v1/embeddings", json={"input": word}, headers={"x-request-timeout": "0.2"})
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(call, words))
+    timed_out = [w for w, r in results if r.status_code == 503]
+    assert timed_out, [r.status_code for _, r in results]
+    for word, r in results:
+        if r.status_code == 503:
+            assert r.json()["error"]["type"] == "timeout"
+        else:
+            assert r.status_code == 200
+    seen = {t for row in backend.seen_ids for t in row}
+    for word in timed_out:
+        assert token_id(registry, word) not in seen, word
+
+
+def test_bad_timeout_header(tmp_path):
+    client, _, _ = slow_client(tmp_path, delay_s=0)
+    with client:
+        r = client.post("/v1/embeddings", json={"input": "x"}, headers={"x-request-timeout": "soon"})
+        assert r.status_code == 422 and "x-request-timeout" in r.json()["error"]["message"]
+
+
+def test_full_queue_answers_429_at_once_with_retry_after(tmp_path):
+    client, _, _ = slow_client(tmp_path, delay_s=0.3, max_queue_items=2)
+    with client:
+        def call(i):
+            start = time.monotonic()
+            r = client.post("/v1/embeddings", json={"input": f"text number {i}"})
+            return r, time.monotonic() - start
+
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(call, range(10)))
+    rejected = [(r, t) for r, t in results if r.status_code == 429]
+    accepted = [r for r, _ in results if r.status_code == 200]
+    assert rejected and accepted
+    for r, _elapsed in rejected:
+        assert r.json()["error"]["type"] == "overloaded" and int(r.headers["retry-after"]) >= 1
+    assert len(accepted) + len(rejected) == 10
+
+
+def test_backend_failure_fails_only_its_batch_and_hides_internals(tmp_path):
+    settings = ServiceSettings(model_store=tmp_path, max_batch_size=1)
+    registry = make_registry(tmp_path, settings, {"minilm": FakeBackend(dim=8)})
+    registry.get("minilm").backends[0].fail_when_token = token_id(registry, "explode")
+    with TestClient(create_app(settings, registry=registry)) as client:
+        bad = client.post("/v1/embeddings", json={"input": "explode now"})
+        assert bad.status_code == 500 and bad.json()["error"]["type"] == "inference_failed"
+        assert "secret" not in bad.text and "RuntimeError" not in bad.text
+        assert client.post("/v1/embeddings", json={"input": "calm text"}).status_code == 200
+
+
+def test_disconnected_client_items_are_dropped_before_inference(tmp_path):
+    import uvicorn
+
+    settings = ServiceSettings(model_store=tmp_path, max_batch_size=1, max_queue_delay_ms=0)
+    backend = FakeBackend(dim=8, delay_s=0.6)
+    registry = make_registry(tmp_path, settings, {"minilm": backend})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, registry=registry), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        # First request occupies the only worker for 0.6 s.
+        blocker = threading.Thread(target=lambda: httpx.post(f"http://127.0.0.1:{port}/v1/embeddings",
+                                                             json={"input": "blocker"}, timeout=10))
+        blocker.start()
+        time.sleep(0.15)
+        body = b'{"input": "vanished"}'
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            time.sleep(0.15)  # queued behind the blocker, then the client goes away
+        blocker.join(timeout=10)
+        after = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "after"}, timeout=10)
+        assert after.status_code == 200
+        seen = {t for row in backend.seen_ids for t in row}
+        assert token_id(registry, "blocker") in seen and token_id(registry, "after") in seen
+        assert token_id(registry, "vanished") not in seen
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

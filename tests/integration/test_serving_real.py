@@ -1,0 +1,165 @@
+"""The server over real variants: every API returns what the backend returns in-process for that text
+alone, whether the request arrives alone or batched with others of different lengths."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from build_models.pipeline import build
+from service.backends.base import load_backend
+from service.manifest import load_verified
+from service.settings import ServiceSettings
+from service.tokenization import TextTokenizer, pad_batch
+
+TEXTS = [
+    "Oil prices rose sharply on Monday.",
+    "ok",
+    "The company said quarterly profit doubled, beating forecasts, and it raised its dividend again.",
+    "Wheat exports fell for a third month as shipping costs climbed and demand from importers weakened.",
+    "Rates unchanged.",
+    "Shares of the bank jumped after regulators approved the merger with its smaller rival on Friday.",
+]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_embedding_dir):
+    tmp = tmp_path_factory.mktemp("serving-store")
+    recipe = tmp / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "family": "tiny", "source": {"path": str(tiny_embedding_dir)}, "task": "embedding", "max_seq_len": 64,
+        "evaluation": {"probe_train_samples": 40, "probe_test_samples": 40, "latency_repeats": 1},
+        "gates": {"downstream_retention": None, "mean_cosine": None},
+        "variants": [
+            {"name": "tiny", "steps": [{"export_onnx": {}}, {"optimize": {}}]},
+            {"name": "tiny-ts", "steps": ["export_torchscript"]},
+            {"name": "tiny-int8", "steps": [{"export_onnx": {}}, {"quantize": {}}]},
+        ],
+    }))
+    build(recipe, tmp / "store", log=lambda _m: None)
+    return tmp / "store"
+
+
+def solo_outputs(store: Path, name: str, texts: list[str]) -> np.ndarray:
+    """What the backend returns for each text run on its own, in this process."""
+    path = store / name / "1"
+    manifest = load_verified(path)
+    backend = load_backend(path, manifest, ServiceSettings(intra_op_threads=1))
+    tok = TextTokenizer(path / "tokenizer", manifest.max_seq_len)
+    names = [i.name for i in manifest.inputs]
+    rows = []
+    for text in texts:
+        enc = tok.encode_texts([text], truncate=True)
+        rows.append(backend.infer(pad_batch(enc, names, tok.pad_id))[manifest.outputs[0].name][0])
+    return np.stack(rows)
+
+
+@pytest.fixture(scope="module")
+def client(store):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    settings = ServiceSettings(model_store=store, default_model="tiny", max_queue_delay_ms=20, max_batch_size=16)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+# Dynamic int8 quantizes activations with one scale per batch tensor, so an int8 answer moves slightly
+# with its batch-mates (about 6e-5 here); fp32 answers must not move at all.
+@pytest.mark.parametrize("name,atol", [("tiny", 1e-5), ("tiny-ts", 1e-5), ("tiny-int8", 1e-3)])
+def test_every_api_matches_solo_backend_output_under_concurrency(client, store, name, atol):
+    want = solo_outputs(store, name, TEXTS)
+
+    def openai(i):
+        r = client.post("/v1/embeddings", json={"input": TEXTS[i], "model": name})
+        return i, r.json()["data"][0]["embedding"]
+
+    def tei(i):
+        r = client.post("/embed", json={"inputs": [TEXTS[i]], "model": name, "truncate": True})
+        return i, r.json()[0]
+
+    def openai_batch(_i):
+        r = client.post("/v1/embeddings", json={"input": TEXTS, "model": name})
+        return None, [d["embedding"] for d in r.json()["data"]]
+
+    jobs = [(fn, i) for _ in range(4) for i in range(len(TEXTS)) for fn in (openai, tei)] + \
+           [(openai_batch, 0)] * 6
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda job: job[0](job[1]), jobs))
+    for index, got in results:
+        if index is None:
+            np.testing.assert_allclose(np.array(got), want, atol=atol)
+        else:
+            np.testing.assert_allclose(np.array(got), want[index], atol=atol)
+
+
+def test_kserve_text_infer_matches(client, store):
+    want = solo_outputs(store, "tiny", TEXTS[:2])
+    r = client.post("/v2/models/tiny/infer", json={
+        "inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": TEXTS[:2]}]})
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    np.testing.assert_allclose(np.array(out["data"]).reshape(out["shape"]), want, atol=1e-5)
+
+
+def test_loading_report(client):
+    registry = client.app.state.registry
+    assert {e.name for e in registry.entries.values() if e.ready} == {"tiny", "tiny-ts", "tiny-int8"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(store):
+    import uvicorn
+
+    from service.app import create_app
+
+    port = _free_port()
+    settings = ServiceSettings(model_store=store, default_model="tiny", port=port)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_official_openai_client(live_server, store):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{live_server}/v1", api_key="unused", max_retries=0)
+    want = solo_outputs(store, "tiny", TEXTS)
+    # The client asks for base64 by default and decodes it itself.
+    response = client.embeddings.create(model="tiny", input=TEXTS)
+    np.testing.assert_allclose(np.array([d.embedding for d in response.data]), want, atol=1e-5)
+    assert response.usage.prompt_tokens > len(TEXTS)
+    floats = client.embeddings.create(model="tiny", input=TEXTS[0], encoding_format="float")
+    np.testing.assert_allclose(floats.data[0].embedding, want[0], atol=1e-5)
+    short = client.embeddings.create(model="tiny", input=TEXTS[0], dimensions=8)
+    assert len(short.data[0].embedding) == 8
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-int8", "tiny-ts"]
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        client.embeddings.create(model="missing", input="x")
