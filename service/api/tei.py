@@ -72,7 +72,7 @@ async def embed(body: EmbedRequest, request: Request):
     # Models whose graph normalizes (sentence-transformers Normalize) return unit vectors either way.
     if body.normalize and not entry.manifest.normalize:
         rows = l2_normalize(rows)
-    return FastJSONResponse(rows.tolist())
+    return FastJSONResponse(rows)
 
 
 @router.post("/predict", response_model=Union[list[Score], list[list[Score]]])
