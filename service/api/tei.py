@@ -10,7 +10,7 @@ from service.api.responses import FastJSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.common import check_texts, encode_texts, run, state
-from service.errors import InvalidInput, NotReady
+from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.outputs import l2_normalize, softmax
 
 router = APIRouter(tags=["text-embeddings-inference"])
@@ -123,7 +123,8 @@ async def info(request: Request, model: str | None = None) -> dict:
 @router.get("/health")
 async def health(request: Request) -> dict:
     registry = state(request).registry
-    entry = registry.get(None)  # 404/503 when the default model is missing or not ready
-    if not entry.ready:
-        raise NotReady("default model not ready")
+    try:
+        entry = registry.get(None)
+    except ModelNotFound:
+        raise NotReady(registry.problem or "the default model is not loaded") from None
     return {"status": "ok", "model": entry.name, "version": entry.version}

@@ -122,3 +122,14 @@ def test_disconnected_client_items_are_dropped_before_inference(tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_empty_store_starts_not_ready_and_says_why(tmp_path):
+    settings = ServiceSettings(model_store=tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with TestClient(create_app(settings)) as client:
+        health = client.get("/health")
+        assert health.status_code == 503 and "holds no variants" in health.json()["error"]["message"]
+        assert client.get("/v2/health/ready").status_code == 503
+        assert client.get("/v2/health/live").status_code == 200
+        assert client.post("/v1/embeddings", json={"input": "x"}).status_code == 404

@@ -163,3 +163,25 @@ def test_official_openai_client(live_server, store):
 
     with pytest.raises(NotFoundError):
         client.embeddings.create(model="missing", input="x")
+
+
+def test_a_tampered_variant_is_refused_and_the_others_serve(store, tmp_path, caplog):
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    model = copy / "tiny-ts" / "1" / "model.pt"
+    model.write_bytes(model.read_bytes()[:-10])  # truncated
+    settings = ServiceSettings(model_store=copy, default_model="tiny")
+    with caplog.at_level("ERROR", logger="bertserve.registry"), TestClient(create_app(settings)) as client:
+        assert client.get("/v2/models/tiny-ts/ready").status_code == 503
+        assert client.get("/v2/models/tiny/ready").status_code == 200
+        r = client.post("/v1/embeddings", json={"input": "still served", "model": "tiny-int8"})
+        assert r.status_code == 200
+        refused = client.post("/v1/embeddings", json={"input": "x", "model": "tiny-ts"})
+        assert refused.status_code == 503 and "model.pt" not in refused.text
+    assert any("tiny-ts" in rec.getMessage() and "model.pt" in rec.getMessage() for rec in caplog.records)
