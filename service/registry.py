@@ -144,7 +144,8 @@ class Registry:
         s = self.settings
         limits = BatchLimits(max_batch_size=s.max_batch_size,
                              max_batch_tokens=max(s.max_batch_tokens, entry.manifest.max_seq_len),
-                             max_queue_delay_s=s.max_queue_delay_ms / 1000)
+                             max_queue_delay_s=s.max_queue_delay_ms / 1000,
+                             max_padding_ratio=s.max_padding_ratio or None)
         names, pad_id = entry.input_names, entry.tokenizer.pad_id
 
         def infer_fn_for(backend: Backend):

@@ -24,11 +24,17 @@ class ServiceSettings(BaseSettings):
     # Backends
     intra_op_threads: int = Field(0, ge=0)  # 0 = one per core
     instances_per_model: int = Field(1, ge=1, le=16)  # backend instances (worker threads) per model
+    # ONNX Runtime's idle worker threads spin by default; on a small machine they then steal the cores
+    # that tokenization and the event loop need between batches.
+    ort_spinning: bool = False
 
     # Dynamic batching
     max_batch_size: int = Field(32, ge=1, le=4096)
     max_batch_tokens: int = Field(8192, ge=16)  # padded: batch size x longest item
     max_queue_delay_ms: float = Field(2.0, ge=0, le=1000)
+    # Padded / real tokens a batch may reach before companions of very different length wait for the
+    # next batch (length bucketing inside the queue). 0 = no limit.
+    max_padding_ratio: float = Field(1.5, ge=0)
     max_queue_items: int = Field(4096, ge=1)  # beyond this, 429 with Retry-After
 
     # Requests
@@ -44,6 +50,8 @@ class ServiceSettings(BaseSettings):
     def _check(self) -> "ServiceSettings":
         if self.max_batch_tokens < 16:
             raise ValueError("max_batch_tokens must hold at least one short item")
+        if 0 < self.max_padding_ratio < 1:
+            raise ValueError("max_padding_ratio is padded/real tokens: 0 (no limit) or at least 1")
         return self
 
     @property

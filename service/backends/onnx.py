@@ -38,6 +38,7 @@ class OnnxBackend:
         opts.intra_op_num_threads = settings.threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.ort_spinning else "0")
         session = ort.InferenceSession(str(path / manifest.model_file), opts, providers=providers)
         return cls(session, manifest, session.get_providers()[0])
 

@@ -97,6 +97,15 @@ def test_bad_openai_requests(client, payload, status, type_, needle):
 
 def test_body_limits_and_broken_bodies(client):
     assert_error(client.post("/v1/embeddings", json={"input": "x" * 30_000}), 413, "payload_too_large", "20000 bytes")
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        yield b'{"input": "'
+        for _ in range(30):
+            yield b"y" * 1000
+        yield b'"}'
+
+    assert_error(client.post("/v1/embeddings", content=chunks(), headers={"content-type": "application/json"}),
+                 413, "payload_too_large")
     r = client.post("/v1/embeddings", content=b'{"input": "unclosed', headers={"content-type": "application/json"})
     assert r.status_code in (400, 422) and "error" in r.json()
     r = client.post("/v1/embeddings", content=b'{"input": "\xff\xfe bad utf8"}', headers={"content-type": "application/json"})

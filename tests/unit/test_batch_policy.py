@@ -221,3 +221,26 @@ def test_hypothesis_property_if_available():
         assert len(drained) == len(lengths) and len({id(i) for i in drained}) == len(lengths)
 
     prop()
+
+
+def test_padding_ratio_keeps_short_and_long_texts_apart():
+    limits = BatchLimits(max_batch_size=32, max_batch_tokens=8192, max_queue_delay_s=0.0, max_padding_ratio=1.5)
+    queue = items(40, 256, 38, 250, 42, 256, 36, 240)  # one client's mixed request
+    first = choose_batch(queue, limits, now=1.0).batch
+    assert lengths_of(first) == [40, 38, 42, 36]  # the oldest (40) with its own kind
+    rest = [i for i in queue if i not in first]
+    second = choose_batch(rest, limits, now=1.0).batch
+    assert sorted(lengths_of(second)) == [240, 250, 256, 256]
+    padded = len(first) * max(lengths_of(first)) + len(second) * max(lengths_of(second))
+    assert padded < 0.6 * len(queue) * 256  # against one batch padded to the longest
+
+
+def test_padding_ratio_off_batches_everything_together():
+    limits = BatchLimits(max_batch_size=32, max_batch_tokens=8192, max_queue_delay_s=0.0)
+    queue = items(40, 256, 38, 250)
+    assert len(choose_batch(queue, limits, now=1.0).batch) == 4
+
+
+def test_padding_ratio_below_one_is_refused():
+    with pytest.raises(ValueError, match="max_padding_ratio"):
+        BatchLimits(max_batch_size=4, max_batch_tokens=100, max_queue_delay_s=0.0, max_padding_ratio=0.5)
