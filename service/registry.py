@@ -117,7 +117,7 @@ class Registry:
                 raise ManifestError(f"{path}: manifest says {entry.manifest.name} v{entry.manifest.version}")
             entry.tokenizer = TextTokenizer(path / entry.manifest.tokenizer_dir, entry.manifest.max_seq_len)
             entry.backends = [self._backend_loader(path, entry.manifest, self.settings)
-                              for _ in range(self.settings.instances_per_model)]
+                              for _ in range(self.settings.instances)]
             for backend in entry.backends:
                 backend.warmup()
         except ProviderUnavailable as exc:
