@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast build run list report clean
+.PHONY: venv test test-fast build run bench list report clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,11 @@ build: $(STAMP)
 run: $(STAMP)
 	ls $(STORE)/minilm/*/manifest.json >/dev/null 2>&1 || $(VENV)/bin/build-models build $(RECIPE) --store $(STORE)
 	BERTSERVE_MODEL_STORE=$(STORE) $(VENV)/bin/bertserve
+
+# Serving benchmark (needs the built store); writes bench/reports/serving.md, never asserts timings.
+bench: $(STAMP)
+	ls $(STORE)/minilm/*/manifest.json >/dev/null 2>&1 || $(VENV)/bin/build-models build $(RECIPE) --store $(STORE)
+	$(PY) -m bench.run --store $(STORE)
 
 list: $(STAMP)
 	$(VENV)/bin/build-models list --store $(STORE)
