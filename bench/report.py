@@ -46,6 +46,9 @@ def render(results: dict) -> str:
         out.append(f"- **{name}**: {info['description']}")
         if info.get("startup_s") is not None:
             out[-1] += f" Started in {info['startup_s']:.1f} s."
+        for r in info.get("restarts", []):
+            out.append(f"  - **died** (exit code {r['exit_code']}; -15 is a SIGTERM from outside the bench) and was "
+                       f"restarted at {r['at']}: cells after it ran on a fresh process")
         if info.get("error"):
             lines = [ln.strip() for ln in info["error"].splitlines()
                      if ln.strip() and not ln.strip().startswith("For further information")]

@@ -146,12 +146,35 @@ def stop_server(name: str, server: ServerProcess, results: dict) -> None:
     log(f"{name} stopped (exit code {code})")
 
 
+MAX_RESTARTS = 3
+
+
+def _revive(name: str, server: ServerProcess, results: dict) -> str | None:
+    """Restart a server that died between cells (bounded); None when it runs again, else why not."""
+    info = results["servers"][name]
+    restarts = info.setdefault("restarts", [])
+    code = server.proc.returncode
+    if len(restarts) >= MAX_RESTARTS:
+        return f"{name} exited with code {code} (no restarts left)"
+    log(f"{name} exited with code {code}; restarting ({len(restarts) + 1}/{MAX_RESTARTS})")
+    restarts.append({"at": dt.datetime.now(dt.timezone.utc).strftime("%H:%M:%S UTC"), "exit_code": code,
+                     "log_tail": server.log_tail(8)})
+    try:
+        server.start()
+    except Exception as exc:
+        return f"{name} exited with code {code} and did not restart: {str(exc).splitlines()[0]}"
+    return None
+
+
 def run_one_cell(name: str, server: ServerProcess, started: bool, wname: str, conc: int, payloads: dict,
-                 args) -> dict:
+                 args, results: dict) -> dict:
+    problem = None
     if not started:
-        cell = {"ok": False, "concurrency": conc, "error": f"{name} did not start"}
+        problem = f"{name} did not start"
     elif server.proc.poll() is not None:
-        cell = {"ok": False, "concurrency": conc, "error": f"{name} exited with code {server.proc.returncode}"}
+        problem = _revive(name, server, results)
+    if problem:
+        cell = {"ok": False, "concurrency": conc, "error": problem}
     else:
         cell = loadgen.run_cell(server.base_url, "/v1/embeddings", payloads[wname], conc, args.duration,
                                 args.warmup, args.timeout, server.pid, args.max_window)
@@ -236,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         for wname in workloads:
             for conc in args.concurrency:
                 for name, server in servers.items():
-                    results["cells"].append(run_one_cell(name, server, started[name], wname, conc, payloads, args))
+                    results["cells"].append(run_one_cell(name, server, started[name], wname, conc, payloads, args,
+                                                               results))
                     _write(results, out)
     except KeyboardInterrupt:
         log("interrupted: writing what was measured")

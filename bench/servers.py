@@ -47,7 +47,7 @@ class ServerProcess:
             return ""
 
     def start(self) -> None:
-        log = open(self.log_path, "wb")
+        log = open(self.log_path, "ab")  # a restart appends
         began = time.perf_counter()
         self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
