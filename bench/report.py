@@ -24,7 +24,9 @@ def render(results: dict) -> str:
             f"- **Machine**: {meta['nproc']} cores ({meta['cpu_model']}; AVX2 {'yes' if meta['avx2'] else 'no'}, "
             f"VNNI {'yes' if meta['vnni'] else 'no'}), {meta['mem_gib']} GiB RAM, {meta['platform']}",
             f"- **Software**: Python {meta['python']}, " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-            f"- **Load average** (1/5/15 min) before: {meta['loadavg_start']}, after: {meta.get('loadavg_end', '—')}",
+            f"- **Code**: {meta.get('code', 'not recorded')}",
+            f"- **Load average** (1/5/15 min) before: {meta['loadavg_start']}, after: {meta.get('loadavg_end', '—')} "
+            f"(counts waiting tasks too; the CPU actually used by others is the *other cores* column)",
             f"- **Model**: `{meta['model']}` (store `{meta['store']}`, version {meta['model_version']}, "
             f"{meta['model_format']} {meta['model_precision']})",
             f"- **Cells**: closed loop; each measures {meta['duration_s']} s after a warm-up of {meta['warmup_s']} s "
@@ -142,3 +144,13 @@ def render(results: dict) -> str:
             "- Timings are measurements of one run on one machine, never assertions; the raw numbers are in the JSON "
             "file next to this report.", ""]
     return "\n".join(out)
+
+
+if __name__ == "__main__":  # re-render a report from its JSON: python -m bench.report bench/reports/serving.json
+    import json
+    import sys
+    from pathlib import Path
+
+    src = Path(sys.argv[1])
+    src.with_suffix(".md").write_text(render(json.loads(src.read_text())))
+    print(f"wrote {src.with_suffix('.md')}")

@@ -95,6 +95,20 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _code_version() -> str:
+    """The commit the run measured, and whether service/ had uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "service"], cwd=REPO, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not head:
+        return "unknown"
+    return f"{head} ({'service/ with uncommitted changes' if dirty else 'service/ clean'})"
+
+
 def _loadavg() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -210,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             "nproc": os.cpu_count(), "cpu_model": procstat.cpu_model(), "avx2": "avx2" in flags,
             "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "mem_gib": procstat.mem_total_gib(),
             "platform": platform.platform(), "python": platform.python_version(), "versions": _versions(),
-            "loadavg_start": _loadavg(), "model": args.model, "store": str(store),
+            "code": _code_version(), "loadavg_start": _loadavg(), "model": args.model, "store": str(store),
             "model_version": int(path.name), "model_format": manifest.get("format"),
             "model_precision": manifest.get("precision"), "duration_s": args.duration, "warmup_s": args.warmup,
             "max_window_s": args.max_window if args.max_window is not None else 4 * args.duration,
