@@ -96,7 +96,7 @@ def write_report(store: Path, out_dir: Path) -> Path:
     plt.close(fig)
     report = out_dir / "report.md"
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    body = [f"# Model store report\n", f"Store: `{store}` · generated {now}\n",
+    body = ["# Model store report\n", f"Store: `{store}` · generated {now}\n",
             f"![quality vs throughput]({plot.name})\n", markdown_table(store)]
     fused = [(m.name, m.version, m.fused_nodes) for m in manifests if m.fused_nodes]
     if fused:

@@ -140,7 +140,7 @@ class Evaluator:
         # The same weights with transformers' default (SDPA) attention, timed only.
         self.default_reference_run = torch_runner(default_reference, names) if default_reference else None
         self.ref = self._outputs(self.reference_run)
-        self.ref_quality = self._score(self.ref, None)
+        self.ref_quality = self._score(self.ref)
 
     @property
     def dataset(self) -> str:
@@ -152,7 +152,7 @@ class Evaluator:
             out["train"] = encode(run, self.tokenizer, self.train.texts, self.names, self.cfg.eval_max_seq_len)
         return out
 
-    def _score(self, outputs: dict[str, np.ndarray], reference: QualityResult | None) -> QualityResult:
+    def _score(self, outputs: dict[str, np.ndarray]) -> QualityResult:
         if self.task == "embedding":
             acc = _probe_accuracy(outputs["train"], self.train.labels, outputs["test"], self.test.labels)
             result = QualityResult(metric=f"{self.cfg.dataset}_logreg_accuracy", value=acc,
@@ -173,7 +173,7 @@ class Evaluator:
 
     def evaluate(self, run: Runner) -> QualityResult:
         outputs = self._outputs(run)
-        result = self._score(outputs, self.ref_quality)
+        result = self._score(outputs)
         result.reference_value = self.ref_quality.value
         if result.value is not None and result.reference_value:
             result.retention = result.value / result.reference_value

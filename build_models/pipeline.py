@@ -102,7 +102,6 @@ def build(
     ensure_writable(store)
 
     # Heavy imports only once the cheap checks have passed, so bad input fails fast.
-    import torch
     from transformers import AutoTokenizer
 
     from build_models.evaluate import Evaluator

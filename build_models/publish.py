@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from build_models.errors import StoreError
-from service.manifest import MANIFEST_FILE, Manifest, hash_tree
+from service.manifest import MANIFEST_FILE, Manifest, hash_tree, store_versions, version_numbers
 
 STAGING = ".staging"
 
@@ -46,10 +46,7 @@ def discard(staging: Path) -> None:
 
 
 def existing_versions(store: Path, name: str) -> list[int]:
-    root = store / name
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+    return version_numbers(store / name)
 
 
 def publish(store: Path, staging: Path, manifest_fields: dict) -> Manifest:
@@ -77,10 +74,6 @@ def publish(store: Path, staging: Path, manifest_fields: dict) -> Manifest:
 
 def iter_variants(store: Path):
     """(name, version, dir) of every published variant, skipping staging and stray folders."""
-    if not store.is_dir():
-        return
-    for name_dir in sorted(store.iterdir()):
-        if not name_dir.is_dir() or name_dir.name.startswith("."):
-            continue
-        for version in existing_versions(store, name_dir.name):
-            yield name_dir.name, version, name_dir / str(version)
+    for name, versions in store_versions(store).items():
+        for version in versions:
+            yield name, version, store / name / str(version)

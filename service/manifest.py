@@ -139,6 +139,26 @@ def hash_tree(root: Path, exclude: tuple[str, ...] = (MANIFEST_FILE,)) -> dict[s
     return entries
 
 
+def version_numbers(name_dir: Path) -> list[int]:
+    """Published versions under ``<store>/<name>/``: integer-named folders, ascending."""
+    if not name_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in name_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def store_versions(store: Path) -> dict[str, list[int]]:
+    """Every variant name in a store with its versions; hidden folders (the build's staging) are skipped."""
+    if not store.is_dir():
+        return {}
+    found = {}
+    for name_dir in sorted(store.iterdir()):
+        if name_dir.is_dir() and not name_dir.name.startswith("."):
+            versions = version_numbers(name_dir)
+            if versions:
+                found[name_dir.name] = versions
+    return found
+
+
 def load_manifest(variant_dir: Path) -> Manifest:
     path = Path(variant_dir) / MANIFEST_FILE
     try:

@@ -16,9 +16,7 @@ def truncate_dimensions(rows: np.ndarray, dimensions: int | None, renormalize: b
     if dimensions < 1 or dimensions > rows.shape[1]:
         raise InvalidInput(f"dimensions must be between 1 and {rows.shape[1]} for this model, got {dimensions}")
     cut = rows[:, :dimensions]
-    if renormalize:
-        cut = cut / np.clip(np.linalg.norm(cut, axis=1, keepdims=True), 1e-12, None)
-    return cut
+    return l2_normalize(cut) if renormalize else cut
 
 
 def l2_normalize(rows: np.ndarray) -> np.ndarray:

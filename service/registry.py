@@ -18,7 +18,7 @@ from service.backends.base import Backend, ProviderUnavailable, load_backend
 from service.batching.batcher import Batcher
 from service.batching.policy import BatchLimits
 from service.errors import ModelNotFound, NotReady
-from service.manifest import Manifest, ManifestError, load_verified
+from service.manifest import Manifest, ManifestError, load_verified, store_versions
 from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer, pad_batch
 
@@ -66,18 +66,6 @@ def parse_version_policy(policy: str) -> Callable[[str, list[int]], list[int]]:
     raise ValueError(f"unknown version policy {policy!r}; use latest, latest:N, all or specific:NAME=1,2")
 
 
-def scan_store(store: Path) -> dict[str, list[int]]:
-    found: dict[str, list[int]] = {}
-    if not store.is_dir():
-        return found
-    for name_dir in sorted(store.iterdir()):
-        if name_dir.is_dir() and not name_dir.name.startswith("."):
-            versions = sorted(int(p.name) for p in name_dir.iterdir() if p.is_dir() and p.name.isdigit())
-            if versions:
-                found[name_dir.name] = versions
-    return found
-
-
 class Registry:
     def __init__(self, settings: ServiceSettings, on_event: Callable[[str, dict], None] | None = None,
                  backend_loader: BackendLoader = load_backend):
@@ -96,7 +84,7 @@ class Registry:
             log.error(self.problem)
             return
         choose = parse_version_policy(self.settings.version_policy)
-        found = scan_store(store)
+        found = store_versions(store)
         if not found:
             self.problem = f"model store {store} holds no variants; run `make build`"
             log.error(self.problem)

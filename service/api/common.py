@@ -23,12 +23,17 @@ def state(request: Request):
     return request.app.state
 
 
+def _check_count(request: Request, items: Sequence, field: str, what: str) -> None:
+    limit = state(request).settings.max_inputs_per_request
+    if len(items) == 0:
+        raise InvalidInput(f"{field} is empty: send at least one {what}")
+    if len(items) > limit:
+        raise PayloadTooLarge(f"{field} has {len(items)} items; at most {limit} per request")
+
+
 def check_texts(request: Request, texts: Sequence[str], field: str = "input") -> None:
     settings = state(request).settings
-    if len(texts) == 0:
-        raise InvalidInput(f"{field} is empty: send at least one text")
-    if len(texts) > settings.max_inputs_per_request:
-        raise PayloadTooLarge(f"{field} has {len(texts)} items; at most {settings.max_inputs_per_request} per request")
+    _check_count(request, texts, field, "text")
     for i, text in enumerate(texts):
         if not text.strip():
             raise InvalidInput(f"{field}[{i}] is an empty string; every input must contain text")
@@ -37,11 +42,7 @@ def check_texts(request: Request, texts: Sequence[str], field: str = "input") ->
 
 
 def check_ids(request: Request, sequences: Sequence[Sequence[int]], field: str = "input") -> None:
-    settings = state(request).settings
-    if len(sequences) == 0:
-        raise InvalidInput(f"{field} is empty: send at least one input")
-    if len(sequences) > settings.max_inputs_per_request:
-        raise PayloadTooLarge(f"{field} has {len(sequences)} items; at most {settings.max_inputs_per_request} per request")
+    _check_count(request, sequences, field, "input")
 
 
 async def encode_texts(request: Request, entry: ModelEntry, texts: Sequence[str], truncate: bool,

@@ -1,6 +1,5 @@
 """Every step on a tiny random BERT: outputs of each published variant match PyTorch."""
 
-import json
 from pathlib import Path
 
 import numpy as np
