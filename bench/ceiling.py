@@ -66,6 +66,16 @@ class Ceiling:
             self._embed_batch(batch)
         return time.perf_counter() - began, len(batches)
 
+    def measure_sorted(self, texts: list[str], lengths: list[int]) -> dict:
+        """One length-sorted pass over the pool: texts/s right now.
+
+        Taken next to each server cell, so that the cell's share of the ceiling compares two numbers
+        measured seconds apart: these shared machines drift by tens of percent within minutes. A whole
+        pass, because any part of the sorted pool would be biased towards short or long texts.
+        """
+        elapsed, _ = self._pass(texts, sorted(range(len(texts)), key=lambda i: lengths[i]))
+        return {"ok": True, "texts": len(texts), "elapsed_s": elapsed, "texts_per_s": len(texts) / elapsed}
+
     def measure(self, texts: list[str], lengths: list[int]) -> dict:
         """Tokenize + infer every text once in length-sorted batches (padded per batch): texts/s.
 

@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plain-port", type=int, default=0, help="plain server port (default: a free one)")
     p.add_argument("--skip-plain", action="store_true", help="don't run the plain per-request server")
     p.add_argument("--skip-ceiling", action="store_true", help="don't measure the in-process ceiling")
+    p.add_argument("--no-adjacent-ceiling", dest="adjacent_ceiling", action="store_false",
+                   help="don't measure the in-process ceiling again before each bertserve cell (one sorted pass "
+                        "over the pool, so that the cell's share of the ceiling compares numbers taken seconds apart)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
                    help="extra environment for bertserve, e.g. --env BERTSERVE_MAX_QUEUE_DELAY_MS=5 (repeatable)")
     p.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds (default: 30)")
@@ -160,6 +163,19 @@ def stop_server(name: str, server: ServerProcess, results: dict) -> None:
     log(f"{name} stopped (exit code {code})")
 
 
+def _adjacent_ceiling(ceiling: Ceiling, workload):
+    """A thunk measuring the ceiling now (None when it fails: the cell then uses the first ceiling)."""
+
+    def measure() -> float | None:
+        try:
+            return ceiling.measure_sorted(workload.texts, workload.tokens)["texts_per_s"]
+        except Exception as exc:
+            log(f"adjacent ceiling failed: {type(exc).__name__}: {exc}")
+            return None
+
+    return measure
+
+
 MAX_RESTARTS = 3
 
 
@@ -181,21 +197,26 @@ def _revive(name: str, server: ServerProcess, results: dict) -> str | None:
 
 
 def run_one_cell(name: str, server: ServerProcess, started: bool, wname: str, conc: int, payloads: dict,
-                 args, results: dict) -> dict:
+                 args, results: dict, adjacent=None) -> dict:
     problem = None
     if not started:
         problem = f"{name} did not start"
     elif server.proc.poll() is not None:
         problem = _revive(name, server, results)
+    ceiling_now = None
     if problem:
         cell = {"ok": False, "concurrency": conc, "error": problem}
     else:
+        ceiling_now = adjacent() if adjacent else None
         cell = loadgen.run_cell(server.base_url, "/v1/embeddings", payloads[wname], conc, args.duration,
                                 args.warmup, args.timeout, server.pid, args.max_window)
+        if ceiling_now is not None:
+            cell["adjacent_ceiling"] = ceiling_now
     cell.update(server=name, workload=wname)
     if cell.get("ok"):
         lat = cell["latency_ms"]
-        log(f"{name} {wname} c={conc}: {cell['texts_per_s']:.1f} texts/s over {cell['duration_s']:.0f} s, "
+        share = f" ({cell['texts_per_s'] / ceiling_now:.0%} of {ceiling_now:.0f} in-process)" if ceiling_now else ""
+        log(f"{name} {wname} c={conc}: {cell['texts_per_s']:.1f} texts/s{share} over {cell['duration_s']:.0f} s, "
             f"p50 {lat['p50'] or 0:.1f} ms, p99 {lat['p99'] or 0:.1f} ms, errors {cell['errors']}, "
             f"server {cell['server_cpu_cores'] or 0:.2f} cores, other {cell['other_cpu_cores'] or 0:.2f}")
     elif started:
@@ -235,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     payloads = {k: loadgen.openai_payloads(w.requests, args.model) for k, w in workloads.items()}
 
+    ceiling = None
     if not args.skip_ceiling:
         try:
             ceiling = Ceiling(store, args.model)
@@ -245,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"  {results['ceiling'][wname]['texts_per_s']:.1f} texts/s")
                 except Exception as exc:
                     results["ceiling"][wname] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            del ceiling
         except Exception as exc:
             for wname in workloads:
                 results["ceiling"][wname] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -273,8 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         for wname in workloads:
             for conc in args.concurrency:
                 for name, server in servers.items():
+                    adjacent = None
+                    if name == "bertserve" and ceiling is not None and args.adjacent_ceiling:
+                        adjacent = _adjacent_ceiling(ceiling, workloads[wname])
                     results["cells"].append(run_one_cell(name, server, started[name], wname, conc, payloads, args,
-                                                               results))
+                                                         results, adjacent))
                     _write(results, out)
     except KeyboardInterrupt:
         log("interrupted: writing what was measured")

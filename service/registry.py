@@ -37,6 +37,7 @@ class ModelEntry:
     manifest: Manifest | None = None
     tokenizer: TextTokenizer | None = None
     backends: list[Backend] = field(default_factory=list)
+    solo_backends: list[Backend] = field(default_factory=list)  # same model, more threads (see settings)
     batcher: Batcher | None = None
 
     @property
@@ -106,7 +107,8 @@ class Registry:
             entry.tokenizer = TextTokenizer(path / entry.manifest.tokenizer_dir, entry.manifest.max_seq_len)
             entry.backends = [self._backend_loader(path, entry.manifest, self.settings)
                               for _ in range(self.settings.instances)]
-            for backend in entry.backends:
+            entry.solo_backends = self._solo_backends(entry)
+            for backend in entry.backends + entry.solo_backends:
                 backend.warmup()
         except ProviderUnavailable as exc:
             entry.status, entry.reason = "skipped", str(exc)
@@ -128,6 +130,19 @@ class Registry:
                  entry.backends[0].info.provider)
         return entry
 
+    def _solo_backends(self, entry: ModelEntry) -> list[Backend]:
+        """One wider ONNX CPU session per instance for batches that run alone, when that adds threads.
+
+        Not for TorchScript (torch's thread count is global to the process) nor GPUs. Spinning is off:
+        a solo session's threads must not keep spinning after its batch while another worker starts.
+        """
+        s = self.settings
+        first = entry.backends[0].info
+        if first.format != "onnx" or first.provider != "CPUExecutionProvider" or s.solo_threads <= s.threads:
+            return []
+        wide = s.model_copy(update={"intra_op_threads": s.solo_threads, "ort_spinning": False})
+        return [self._backend_loader(entry.path, entry.manifest, wide) for _ in entry.backends]
+
     def _make_batcher(self, entry: ModelEntry) -> Batcher:
         s = self.settings
         limits = BatchLimits(max_batch_size=s.max_batch_size,
@@ -147,7 +162,8 @@ class Registry:
             return infer
 
         return Batcher(f"{entry.name}:{entry.version}", [infer_fn_for(b) for b in entry.backends], limits,
-                       s.max_queue_items, on_event=self._model_event(entry.name))
+                       s.max_queue_items, on_event=self._model_event(entry.name),
+                       solo_infer_fns=[infer_fn_for(b) for b in entry.solo_backends] or None)
 
     def _model_event(self, model: str):
         def forward(kind: str, data: dict) -> None:
@@ -171,7 +187,7 @@ class Registry:
         for entry in self.entries.values():
             if entry.batcher is not None:
                 await entry.batcher.stop(grace_s)
-            for backend in entry.backends:
+            for backend in entry.backends + entry.solo_backends:
                 backend.close()
 
     # ------------------------------------------------------------ lookup

@@ -49,7 +49,10 @@ class Batcher:
     """Queues items of many requests and runs them in batches on one worker thread per infer fn.
 
     ``infer_fns``: one callable per backend instance; each gets a formed batch (list of WorkItem) and must
-    return one result per item, in the same order. ``on_event(kind, data)`` is a metrics hook called from
+    return one result per item, in the same order. ``solo_infer_fns`` (optional, one per instance): used
+    instead when a batch would run alone, with every other worker idle and nothing else queued, e.g. a
+    session with more threads: on CPU the cores the idle workers would use are free, and a lone short
+    text is the case where latency is all that matters. ``on_event(kind, data)`` is a metrics hook called from
     the event loop or from worker threads; its exceptions are logged and swallowed. Kinds:
     ``"batch"`` {size, padded_tokens, real_tokens, queue_wait_s (list), infer_s, worker},
     ``"rejected"`` {reason: overloaded|timeout|cancelled|shutdown, items} (once per request),
@@ -63,15 +66,19 @@ class Batcher:
         limits: BatchLimits,
         max_queue_items: int,
         on_event: EventHook | None = None,
+        solo_infer_fns: list[InferFn] | None = None,
     ):
         if not infer_fns:
             raise ValueError("a batcher needs at least one infer fn")
+        if solo_infer_fns is not None and len(solo_infer_fns) != len(infer_fns):
+            raise ValueError(f"{len(solo_infer_fns)} solo infer fns for {len(infer_fns)} workers")
         if max_queue_items < 1:
             raise ValueError(f"max_queue_items must be >= 1, got {max_queue_items}")
         self.name = name
         self.limits = limits
         self.max_queue_items = max_queue_items
         self._infer_fns = list(infer_fns)
+        self._solo_infer_fns = list(solo_infer_fns) if solo_infer_fns else None
         self._on_event = on_event
         # While draining nobody else will join, so waiting for companions would only delay shutdown.
         self._drain_limits = dataclasses.replace(limits, max_queue_delay_s=0.0)
@@ -81,6 +88,7 @@ class Batcher:
         self._closing = False  # no new submits; workers exit once the queue is empty
         self._halted = False  # workers exit now, queue or not
         self._infer_ewma_s: float | None = None
+        self._busy = 0  # workers inside inference; guarded by _cond
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
@@ -94,8 +102,9 @@ class Batcher:
             raise RuntimeError(f"batcher {self.name!r} already started")
         self._loop = asyncio.get_running_loop()
         for i, fn in enumerate(self._infer_fns):
+            solo = self._solo_infer_fns[i] if self._solo_infer_fns else None
             thread = threading.Thread(
-                target=self._worker, args=(i, fn), name=f"batcher-{self.name}-{i}", daemon=True
+                target=self._worker, args=(i, fn, solo), name=f"batcher-{self.name}-{i}", daemon=True
             )
             thread.start()
             self._threads.append(thread)
@@ -257,20 +266,27 @@ class Batcher:
 
     # ----------------------------------------------------------------- worker side
 
-    def _worker(self, worker: int, infer_fn: InferFn) -> None:
+    def _worker(self, worker: int, infer_fn: InferFn, solo_fn: InferFn | None) -> None:
         """Worker thread: take batches until stopped; inference happens outside the lock."""
         while True:
             taken = self._take()
             if taken is None:
                 return
-            batch, expired, now = taken
+            batch, expired, now, alone = taken
             if expired:
                 self._post(self._expire, expired, now)
             if batch:
-                self._run(worker, infer_fn, batch, now)
+                try:
+                    self._run(worker, solo_fn if alone and solo_fn is not None else infer_fn, batch, now)
+                finally:
+                    with self._cond:
+                        self._busy -= 1
 
-    def _take(self) -> tuple[list[WorkItem], list[WorkItem], float] | None:
-        """Block until there is a batch or expired items to hand out; None when the worker should exit."""
+    def _take(self) -> tuple[list[WorkItem], list[WorkItem], float, bool] | None:
+        """Block until there is a batch or expired items to hand out; None when the worker should exit.
+
+        The flag says whether the batch runs alone: no other worker busy and nothing left queued.
+        """
         with self._cond:
             while True:
                 if self._halted:
@@ -285,7 +301,10 @@ class Batcher:
                 if decision.batch or decision.expired:
                     if self._queue:  # another idle worker may be able to form the next batch
                         self._cond.notify()
-                    return decision.batch, decision.expired, now
+                    alone = self._busy == 0 and not self._queue
+                    if decision.batch:
+                        self._busy += 1
+                    return decision.batch, decision.expired, now, alone
                 if self._closing and not self._queue:
                     return None
                 self._cond.wait(decision.wait_s)

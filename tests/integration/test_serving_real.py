@@ -68,7 +68,9 @@ def client(store):
 
     from service.app import create_app
 
-    settings = ServiceSettings(model_store=store, default_model="tiny", max_queue_delay_ms=20, max_batch_size=16)
+    # Two single-threaded instances, so ONNX variants also get their wider solo sessions (2 threads).
+    settings = ServiceSettings(model_store=store, default_model="tiny", max_queue_delay_ms=20, max_batch_size=16,
+                               instances_per_model=2, intra_op_threads=1)
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -102,6 +104,26 @@ def test_every_api_matches_solo_backend_output_under_concurrency(client, store, 
             np.testing.assert_allclose(np.array(got), want[index], atol=atol)
 
 
+@pytest.mark.parametrize("name,atol", [("tiny", 1e-5), ("tiny-int8", 1e-3)])
+def test_requests_one_at_a_time_run_on_the_solo_session_and_match(client, store, name, atol):
+    # Sequential requests find every worker idle: each batch runs on the 2-thread solo session.
+    want = solo_outputs(store, name, TEXTS)
+    entry = client.app.state.registry.get(name)
+    calls = []
+    solo = entry.solo_backends
+    originals = [b.infer for b in solo]
+    for backend, infer in zip(solo, originals):
+        backend.infer = lambda batch, infer=infer: calls.append(1) or infer(batch)
+    try:
+        for i, text in enumerate(TEXTS):
+            r = client.post("/v1/embeddings", json={"input": text, "model": name})
+            np.testing.assert_allclose(np.array(r.json()["data"][0]["embedding"]), want[i], atol=atol)
+    finally:
+        for backend, infer in zip(solo, originals):
+            del backend.infer
+    assert len(calls) == len(TEXTS)
+
+
 def test_kserve_text_infer_matches(client, store):
     want = solo_outputs(store, "tiny", TEXTS[:2])
     r = client.post("/v2/models/tiny/infer", json={
@@ -114,6 +136,9 @@ def test_kserve_text_infer_matches(client, store):
 def test_loading_report(client):
     registry = client.app.state.registry
     assert {e.name for e in registry.entries.values() if e.ready} == {"tiny", "tiny-ts", "tiny-int8"}
+    solo = {e.name: len(e.solo_backends) for e in registry.entries.values()}
+    # ONNX on CPU gets one solo session per instance; TorchScript's thread count is process-wide: none.
+    assert solo == {"tiny": 2, "tiny-int8": 2, "tiny-ts": 0}
 
 
 def _free_port() -> int:

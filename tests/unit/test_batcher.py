@@ -257,6 +257,33 @@ def test_two_workers_both_used():
     assert threads_used == {"batcher-m-0", "batcher-m-1"}
 
 
+def test_lone_batch_runs_on_the_solo_fn_and_a_batch_beside_it_on_the_normal_fn():
+    # A lone request gets the wide session; while it runs, the next one must not (its cores are taken).
+    solo = Gate()
+    normal_seen = []
+
+    async def main():
+        batcher = Batcher("m", [doubling(normal_seen), doubling(normal_seen)], IMMEDIATE, max_queue_items=10,
+                          solo_infer_fns=[solo, solo])
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(payloads(1)))
+        await solo.wait_entered()
+        assert await batcher.submit(payloads(2)) == [4]
+        solo.release.set()
+        assert await first == [2]
+        assert await batcher.submit(payloads(3)) == [6]  # alone again: the solo fn
+        await batcher.stop(grace_s=1.0)
+
+    run(main())
+    assert solo.seen == [[1], [3]]
+    assert normal_seen == [[2]]
+
+
+def test_solo_fns_must_match_the_workers():
+    with pytest.raises(ValueError, match="solo infer fns"):
+        Batcher("m", [doubling(), doubling()], IMMEDIATE, max_queue_items=10, solo_infer_fns=[doubling()])
+
+
 def test_stop_drains_queued_work_then_refuses_new_work():
     async def main():
         limits = BatchLimits(max_batch_size=2, max_batch_tokens=10_000, max_queue_delay_s=10.0)
