@@ -12,12 +12,15 @@ def main() -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.observability import configure_logging
     from service.settings import ServiceSettings
 
     settings = ServiceSettings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
+    logging.getLogger("bertserve.access").disabled = not settings.access_log
+    # log_config=None keeps the logging set up above; uvicorn's access log is replaced by bertserve.access.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=int(settings.request_timeout_s))
+                log_config=None, access_log=False, timeout_graceful_shutdown=int(settings.request_timeout_s))
 
 
 if __name__ == "__main__":

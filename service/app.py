@@ -14,8 +14,10 @@ from service.api.responses import FastJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api import openai, tei
+from service.api import openai, ops, tei
 from service.api.errors import REQUEST_ID_HEADER, install_error_handlers
+from service.metrics import ServiceMetrics
+from service.observability import RequestObserver
 from service.registry import Registry
 from service.settings import ServiceSettings
 
@@ -100,6 +102,7 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
         app.state.registry = reg
         if registry is None:
             reg.load_all()
+        app.state.metrics.attach(reg)
         reg.start()
         if not reg.ready:
             log.error("not ready: %s", reg.problem or "no model loaded")
@@ -113,10 +116,12 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
     app.state.settings = settings
     app.state.version = _version()
     app.state.started_at = time.time()
+    app.state.metrics = ServiceMetrics()
     app.state.tokenizer_pool = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
     install_error_handlers(app)
 
     app.include_router(openai.router)
+    app.include_router(ops.router)
     app.include_router(tei.router)
     try:
         from service.api import kserve
@@ -125,4 +130,5 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
     except ImportError:  # pragma: no cover - while the KServe routes are being written
         pass
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestObserver, metrics=app.state.metrics)  # outermost: sees the guard's answers too
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -68,11 +69,11 @@ def parse_version_policy(policy: str) -> Callable[[str, list[int]], list[int]]:
 
 
 class Registry:
-    def __init__(self, settings: ServiceSettings, on_event: Callable[[str, dict], None] | None = None,
-                 backend_loader: BackendLoader = load_backend):
+    def __init__(self, settings: ServiceSettings, backend_loader: BackendLoader = load_backend):
         self.settings = settings
         self.entries: dict[tuple[str, int], ModelEntry] = {}
-        self._on_event = on_event
+        self.load_failures: Counter[str] = Counter()  # by model name, since start-up
+        self._listeners: list[Callable[[str, dict], None]] = []
         self._backend_loader = backend_loader
         self.problem: str | None = None  # why nothing is ready, when nothing is
 
@@ -117,12 +118,12 @@ class Registry:
         except ManifestError as exc:
             entry.status, entry.reason = "failed", str(exc)
             log.error("not loading %s v%d: %s", name, version, exc)
-            self._event("load_failed", {"model": name})
+            self.load_failures[name] += 1
             return entry
         except Exception as exc:  # noqa: BLE001 - one broken variant must not stop the others
             entry.status, entry.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.exception("failed to load %s v%d", name, version)
-            self._event("load_failed", {"model": name})
+            self.load_failures[name] += 1
             return entry
         entry.batcher = self._make_batcher(entry)
         entry.status = "ready"
@@ -171,12 +172,16 @@ class Registry:
 
         return forward
 
+    def subscribe(self, listener: Callable[[str, dict], None]) -> None:
+        """Call ``listener(kind, data)`` for every batcher event (data has "model"); from any thread."""
+        self._listeners.append(listener)
+
     def _event(self, kind: str, data: dict) -> None:
-        if self._on_event is not None:
+        for listener in self._listeners:
             try:
-                self._on_event(kind, data)
+                listener(kind, data)
             except Exception:  # noqa: BLE001 - metrics must never break serving
-                log.exception("event hook failed")
+                log.exception("event listener failed")
 
     def start(self) -> None:
         for entry in self.entries.values():

@@ -60,6 +60,8 @@ class ServiceSettings(BaseSettings):
     tokenizer_threads: int = Field(2, ge=1, le=64)
 
     log_level: str = "info"
+    log_format: Literal["json", "text"] = "json"  # json: one object per line, for log shippers
+    access_log: bool = True  # one line per request: id, method, route, model, status, duration; never text
 
     @model_validator(mode="after")
     def _check(self) -> "ServiceSettings":

@@ -23,6 +23,28 @@ def state(request: Request):
     return request.app.state
 
 
+def model_entry(request: Request, name: str | None, version: int | None = None) -> ModelEntry:
+    """The loaded model a request names (the default when None); remembered for metrics and logs."""
+    entry = state(request).registry.get(name, version)
+    request.state.model = entry.name
+    return entry
+
+
+def _timing(request: Request) -> dict:
+    timing = getattr(request.state, "timing", None)
+    if timing is None:
+        timing = request.state.timing = {}
+    return timing
+
+
+def _record_tokenization(request: Request, entry: ModelEntry, began: float, encoded: list[Encoded]) -> None:
+    seconds = time.perf_counter() - began
+    _timing(request)["tokenization_s"] = _timing(request).get("tokenization_s", 0.0) + seconds
+    metrics = getattr(state(request), "metrics", None)
+    if metrics is not None:
+        metrics.observe_tokenization(entry.name, seconds, sum(len(e) for e in encoded))
+
+
 def _check_count(request: Request, items: Sequence, field: str, what: str) -> None:
     limit = state(request).settings.max_inputs_per_request
     if len(items) == 0:
@@ -48,18 +70,25 @@ def check_ids(request: Request, sequences: Sequence[Sequence[int]], field: str =
 async def encode_texts(request: Request, entry: ModelEntry, texts: Sequence[str], truncate: bool,
                        direction: Direction = "right", field: str = "input") -> list[Encoded]:
     check_texts(request, texts, field)
+    began = time.perf_counter()
     if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
         # A tweet tokenizes in tens of microseconds: cheaper than the hop to a pool thread and back.
-        return entry.tokenizer.encode_texts(list(texts), truncate, direction, field)
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(state(request).tokenizer_pool, entry.tokenizer.encode_texts,
-                                      list(texts), truncate, direction, field)
+        encoded = entry.tokenizer.encode_texts(list(texts), truncate, direction, field)
+    else:
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(state(request).tokenizer_pool, entry.tokenizer.encode_texts,
+                                             list(texts), truncate, direction, field)
+    _record_tokenization(request, entry, began, encoded)
+    return encoded
 
 
 async def encode_ids(request: Request, entry: ModelEntry, sequences: Sequence[Sequence[int]], truncate: bool,
                      direction: Direction = "right", field: str = "input") -> list[Encoded]:
     check_ids(request, sequences, field)
-    return entry.tokenizer.encode_ids(sequences, truncate, direction, field)
+    began = time.perf_counter()
+    encoded = entry.tokenizer.encode_ids(sequences, truncate, direction, field)
+    _record_tokenization(request, entry, began, encoded)
+    return encoded
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -96,7 +125,8 @@ async def run(request: Request, entry: ModelEntry, encoded: list[Encoded], timeo
     """
     wait = request_timeout(request) if timeout_s is None else min(timeout_s, state(request).settings.request_timeout_s)
     deadline = time.monotonic() + wait
-    submit = asyncio.ensure_future(entry.batcher.submit([(e, len(e)) for e in encoded], deadline))
+    submit = asyncio.ensure_future(entry.batcher.submit([(e, len(e)) for e in encoded], deadline,
+                                                        _timing(request)))
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         done, _ = await asyncio.wait({submit, watcher}, return_when=asyncio.FIRST_COMPLETED)

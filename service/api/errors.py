@@ -27,6 +27,7 @@ def request_id(request: Request) -> str:
 def error_response(request: Request, status: int, type_: str, message: str,
                    headers: dict[str, str] | None = None) -> FastJSONResponse:
     rid = request_id(request)
+    request.state.error_type = type_  # for the request metrics and the access log
     body = {"error": {"type": type_, "message": message, "request_id": rid}}
     return FastJSONResponse(body, status_code=status, headers={**(headers or {}), REQUEST_ID_HEADER: rid})
 

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.common import encode_ids, encode_texts, run, state
+from service.api.common import encode_ids, encode_texts, model_entry, run, state
 from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.outputs import softmax
 from service.registry import ModelEntry
@@ -149,7 +149,7 @@ def _version_number(model: str, version: str) -> int:
 
 def _entry(request: Request, model: str, version: str | None) -> ModelEntry:
     number = None if version is None else _version_number(model, version)
-    return state(request).registry.get(model, number)
+    return model_entry(request, model, number)
 
 
 def _output_names(entry: ModelEntry) -> list[str]:

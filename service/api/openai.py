@@ -7,7 +7,7 @@ from typing import Literal, Union
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.common import encode_ids, encode_texts, run, state
+from service.api.common import encode_ids, encode_texts, model_entry, run, state
 from service.api.responses import FastJSONResponse
 from service.errors import InvalidInput
 from service.outputs import encode_base64, truncate_dimensions
@@ -59,7 +59,7 @@ class ModelList(BaseModel):
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse)
 async def create_embeddings(body: EmbeddingRequest, request: Request):
-    entry = state(request).registry.get(body.model)
+    entry = model_entry(request, body.model)
     if entry.manifest.task != "embedding":
         raise InvalidInput(f"model {entry.name!r} is a {entry.manifest.task} model; use /predict")
     value = body.input

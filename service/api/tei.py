@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from service.api.responses import FastJSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.common import check_texts, encode_texts, run, state
+from service.api.common import check_texts, encode_texts, model_entry, run, state
 from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.outputs import l2_normalize, softmax
 
@@ -61,7 +61,7 @@ def _texts(inputs) -> list[str]:
 
 @router.post("/embed", response_model=list[list[float]])
 async def embed(body: EmbedRequest, request: Request):
-    entry = state(request).registry.get(body.model)
+    entry = model_entry(request, body.model)
     if entry.manifest.task != "embedding":
         raise InvalidInput(f"model {entry.name!r} is a {entry.manifest.task} model; use /predict")
     if body.prompt_name is not None:
@@ -77,7 +77,7 @@ async def embed(body: EmbedRequest, request: Request):
 
 @router.post("/predict", response_model=Union[list[Score], list[list[Score]]])
 async def predict(body: PredictRequest, request: Request):
-    entry = state(request).registry.get(body.model)
+    entry = model_entry(request, body.model)
     if entry.manifest.task != "classification":
         raise InvalidInput(f"model {entry.name!r} is an {entry.manifest.task} model; use /embed")
     single = isinstance(body.inputs, str)
@@ -97,7 +97,7 @@ async def predict(body: PredictRequest, request: Request):
 
 @router.post("/tokenize", response_model=list[list[Token]])
 async def tokenize(body: TokenizeRequest, request: Request):
-    entry = state(request).registry.get(body.model)
+    entry = model_entry(request, body.model)
     texts = _texts(body.inputs)
     check_texts(request, texts, "inputs")
     return FastJSONResponse(entry.tokenizer.tokenize(texts, body.add_special_tokens))
@@ -105,7 +105,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
 
 @router.get("/info")
 async def info(request: Request, model: str | None = None) -> dict:
-    entry = state(request).registry.get(model)
+    entry = model_entry(request, model)
     s = state(request).settings
     m = entry.manifest
     model_type = ({"embedding": {"pooling": m.pooling}} if m.task == "embedding"

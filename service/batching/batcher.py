@@ -36,13 +36,14 @@ _EWMA_ALPHA = 0.2
 class _Request:
     """One client request: its items, the future its caller awaits, and the results gathered so far."""
 
-    __slots__ = ("future", "items", "results", "remaining")
+    __slots__ = ("future", "items", "results", "remaining", "timing")
 
-    def __init__(self, future: asyncio.Future, size: int):
+    def __init__(self, future: asyncio.Future, size: int, timing: dict | None):
         self.future = future
         self.items: list[WorkItem] = []
         self.results: list[Any] = [None] * size
         self.remaining = size
+        self.timing = timing
 
 
 class Batcher:
@@ -148,8 +149,12 @@ class Batcher:
 
     # ----------------------------------------------------------------- event-loop side
 
-    async def submit(self, payloads: Sequence[tuple[Any, int]], deadline: float | None = None) -> list[Any]:
+    async def submit(self, payloads: Sequence[tuple[Any, int]], deadline: float | None = None,
+                     timing: dict | None = None) -> list[Any]:
         """Run the ``(payload, length)`` items of one request; return their results in the same order.
+
+        ``timing``, when given, is filled with ``queue_s`` (the longest wait of its items before their
+        batch started) and ``infer_s`` (backend time of the batches that carried its items, summed).
 
         ``deadline`` is in ``time.monotonic()`` seconds: an item not started by then fails the request
         with DeadlineExceeded. Raises Overloaded (nothing enqueued) when the queue has no room,
@@ -162,7 +167,10 @@ class Batcher:
         if self._loop is None:
             raise errors.NotReady(f"model {self.name!r} is not ready")
         loop = asyncio.get_running_loop()
-        request = _Request(loop.create_future(), len(payloads))
+        request = _Request(loop.create_future(), len(payloads), timing)
+        if timing is not None:
+            timing.setdefault("queue_s", 0.0)
+            timing.setdefault("infer_s", 0.0)
         now = time.monotonic()
         for index, (payload, length) in enumerate(payloads):
             if length < 1:
@@ -212,12 +220,18 @@ class Batcher:
             self._queue = [item for item in self._queue if not item.cancelled]
             return len(self._queue) < before
 
-    def _deliver(self, batch: list[WorkItem], results: list[Any]) -> None:
+    def _deliver(self, batch: list[WorkItem], results: list[Any], taken_at: float, infer_s: float) -> None:
         """Event loop: file each result under its request; complete requests whose items are all back."""
+        timed: set[int] = set()
         for item, result in zip(batch, results):
             request: _Request = item.request
             if request.future.done():  # failed or cancelled meanwhile
                 continue
+            if request.timing is not None:
+                request.timing["queue_s"] = max(request.timing["queue_s"], taken_at - item.enqueued_at)
+                if id(request) not in timed:
+                    timed.add(id(request))
+                    request.timing["infer_s"] += infer_s
             request.results[item.index] = result
             request.remaining -= 1
             if request.remaining == 0:
@@ -336,7 +350,7 @@ class Batcher:
             else:
                 infer_s_mean = infer_s
             self._infer_ewma_s = infer_s_mean
-        self._post(self._deliver, batch, results)
+        self._post(self._deliver, batch, results, taken_at, infer_s)
         self._emit(
             "batch",
             {

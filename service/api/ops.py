@@ -1,0 +1,16 @@
+"""Operations routes: Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from service.metrics import CONTENT_TYPE
+
+router = APIRouter(tags=["Operations"])
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text exposition format"}})
+async def metrics(request: Request) -> Response:
+    """Every bertserve_* series (requests, latency, queue, batches, models) plus process metrics."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

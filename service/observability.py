@@ -1,0 +1,105 @@
+"""Per-request observation: Prometheus request metrics, timing headers and one JSON access-log line.
+
+A pure ASGI middleware, outermost, so that it also sees the answers RequestGuard gives on its own (413
+for an oversized body). Handlers leave what they learn in the request's state dict: ``model`` (the
+loaded model the request resolved to), ``error_type`` (set by the error handlers) and ``timing``
+(tokenization, queue and inference seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.metrics import ServiceMetrics
+
+access_log = logging.getLogger("bertserve.access")
+
+# Timing headers in milliseconds, named as text-embeddings-inference names them.
+_TIMING_HEADERS = (("tokenization_s", b"x-tokenization-time"), ("queue_s", b"x-queue-time"),
+                   ("infer_s", b"x-inference-time"))
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template (``/v2/models/{model_name}/infer``), never the raw path."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+class RequestObserver:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        state = scope.setdefault("state", {})
+        status = 500  # if the app raises before answering, the server answers 500
+
+        async def timed_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                timing = state.get("timing") or {}
+                extra = [(name, f"{timing[key] * 1000:.2f}".encode()) for key, name in _TIMING_HEADERS
+                         if key in timing]
+                extra.append((b"x-total-time", f"{(time.perf_counter() - started) * 1000:.2f}".encode()))
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, timed_send)
+        finally:
+            seconds = time.perf_counter() - started
+            route = route_template(scope)
+            model = state.get("model")
+            try:
+                self.metrics.observe_request(model, route, status, seconds, state.get("error_type"))
+            except Exception:  # noqa: BLE001 - metrics must never break serving
+                access_log.exception("recording request metrics failed")
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info("request", extra={"fields": {
+                    "request_id": state.get("request_id"), "method": scope.get("method"), "route": route,
+                    "model": model, "status": status, "duration_ms": round(seconds * 1000, 2),
+                    "error_type": state.get("error_type"),
+                }})
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the record's ``fields`` if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Root logging for the server process: JSON lines (default) or plain text, on stderr."""
+    import time as _time
+
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        formatter = JsonLogFormatter()
+        formatter.converter = _time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # uvicorn's own loggers go through ours, so every line has one format; its access log is replaced
+    # by bertserve.access, which knows the route template, model and request id.
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
