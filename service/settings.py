@@ -73,19 +73,30 @@ class ServiceSettings(BaseSettings):
 
     @property
     def instances(self) -> int:
-        import os
-
-        return self.instances_per_model or min(2, os.cpu_count() or 1)
+        return self.instances_per_model or min(2, available_cores())
 
     @property
     def threads(self) -> int:
-        import os
-
-        return self.intra_op_threads or max(1, (os.cpu_count() or 1) // self.instances)
+        return self.intra_op_threads or max(1, available_cores() // self.instances)
 
     @property
     def solo_threads(self) -> int:
         """Threads of the solo sessions; not above ``threads`` means none are made."""
-        import os
+        return self.solo_batch_threads or available_cores()
 
-        return self.solo_batch_threads or (os.cpu_count() or 1)
+
+def available_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's CPU
+    limit), which os.cpu_count() does not see: on a 64-core node a pod limited to 2 CPUs must not start
+    64 threads per session."""
+    import math
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)

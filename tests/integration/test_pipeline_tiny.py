@@ -143,7 +143,7 @@ def test_torchscript_handles_max_seq_len_and_batch_sizes(embedding_store, tiny_e
 
 
 def test_classification_variants(tmp_path, tiny_classifier_dir, mixed_batch):
-    from tests.integration.conftest import R8_LABELS
+    from tests.conftest import R8_LABELS
 
     variants = [
         {"name": "c-int8", "steps": [{"export_onnx": {}}, {"optimize": {}}, {"quantize": {}}]},
