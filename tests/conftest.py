@@ -79,3 +79,21 @@ def mixed_batch():
         "for the third time this year while announcing a buyback of up to ten percent of shares.",
         "Wheat exports fell.",
     ]
+
+
+def build_tiny_store(tmp: Path, source: Path, variants: list[dict]) -> Path:
+    """Publish ``variants`` of the tiny embedding checkpoint at ``source`` into ``tmp/store``, with an
+    evaluation small enough for seconds and no gates."""
+    import yaml
+
+    from build_models.pipeline import build
+
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "family": "tiny", "source": {"path": str(source)}, "task": "embedding", "max_seq_len": 64,
+        "evaluation": {"probe_train_samples": 40, "probe_test_samples": 40, "latency_repeats": 1},
+        "gates": {"downstream_retention": None, "mean_cosine": None},
+        "variants": variants,
+    }))
+    build(recipe, tmp / "store", log=lambda _m: None)
+    return tmp / "store"

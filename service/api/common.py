@@ -12,6 +12,7 @@ from fastapi import Request
 from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge
 from service.registry import ModelEntry
 from service.tokenization import Direction, Encoded
+from service.tracing import annotate_request
 
 
 # Requests with less text than this are tokenized on the event loop; longer ones in the pool, so a
@@ -138,4 +139,7 @@ async def run(request: Request, entry: ModelEntry, encoded: list[Encoded], timeo
     if submit not in done:
         submit.cancel()  # its queued items are dropped before inference
         raise ClientDisconnected("client disconnected before the answer was ready")
-    return np.stack(submit.result())
+    rows = np.stack(submit.result())
+    if state(request).tracing:
+        annotate_request(entry.name, len(encoded), _timing(request))
+    return rows

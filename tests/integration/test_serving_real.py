@@ -12,13 +12,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import yaml
 
-from build_models.pipeline import build
 from service.backends.base import load_backend
 from service.manifest import load_verified
 from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer, pad_batch
+from tests.conftest import build_tiny_store
 
 TEXTS = [
     "Oil prices rose sharply on Monday.",
@@ -32,20 +31,11 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_embedding_dir):
-    tmp = tmp_path_factory.mktemp("serving-store")
-    recipe = tmp / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "family": "tiny", "source": {"path": str(tiny_embedding_dir)}, "task": "embedding", "max_seq_len": 64,
-        "evaluation": {"probe_train_samples": 40, "probe_test_samples": 40, "latency_repeats": 1},
-        "gates": {"downstream_retention": None, "mean_cosine": None},
-        "variants": [
-            {"name": "tiny", "steps": [{"export_onnx": {}}, {"optimize": {}}]},
-            {"name": "tiny-ts", "steps": ["export_torchscript"]},
-            {"name": "tiny-int8", "steps": [{"export_onnx": {}}, {"quantize": {}}]},
-        ],
-    }))
-    build(recipe, tmp / "store", log=lambda _m: None)
-    return tmp / "store"
+    return build_tiny_store(tmp_path_factory.mktemp("serving-store"), tiny_embedding_dir, [
+        {"name": "tiny", "steps": [{"export_onnx": {}}, {"optimize": {}}]},
+        {"name": "tiny-ts", "steps": ["export_torchscript"]},
+        {"name": "tiny-int8", "steps": [{"export_onnx": {}}, {"quantize": {}}]},
+    ])
 
 
 def solo_outputs(store: Path, name: str, texts: list[str]) -> np.ndarray:
