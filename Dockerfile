@@ -62,7 +62,8 @@ COPY --from=build /models /models
 RUN chmod -R a-w,a+rX /models
 WORKDIR /tmp
 USER 10001
-ENV BERTSERVE_MODEL_STORE=/models BERTSERVE_HOST=0.0.0.0 BERTSERVE_PORT=8000 BERTSERVE_DEVICE=cpu
+# HOME on /tmp: the user has no home, and libraries that cache small files find a writable place there.
+ENV BERTSERVE_MODEL_STORE=/models BERTSERVE_HOST=0.0.0.0 BERTSERVE_PORT=8000 BERTSERVE_DEVICE=cpu HOME=/tmp
 EXPOSE 8000
 # Ready = at least the default model loaded and warmed up (KServe v2 readiness).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \

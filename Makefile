@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test test-fast build run bench list report clean
+.PHONY: venv test test-fast test-docker build run bench list report clean
 
 venv: $(STAMP)
 
@@ -28,7 +28,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not docker"
+
+# The images for real with a private dockerd (root, docker.io and debootstrap; skips otherwise).
+test-docker: $(STAMP)
+	$(PY) -m pytest -q -m docker -rs tests/deploy/test_docker_stack.py
 
 build: $(STAMP)
 	$(VENV)/bin/build-models build $(RECIPE) --store $(STORE)

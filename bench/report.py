@@ -57,8 +57,9 @@ def render(results: dict) -> str:
             out.append(f"  - **failed**: {lines[0]}" + (f" … `{lines[-1]}`" if len(lines) > 1 else ""))
     settings = results.get("bertserve_settings")
     if settings:
-        keys = ["max_batch_size", "max_batch_tokens", "max_queue_delay_ms", "max_queue_items", "intra_op_threads",
-                "instances_per_model", "tokenizer_threads", "request_timeout_s", "version_policy", "device"]
+        keys = ["max_batch_size", "max_batch_tokens", "max_queue_delay_ms", "max_padding_ratio", "max_queue_items",
+                "intra_op_threads", "instances_per_model", "solo_batch_threads", "tokenizer_threads",
+                "request_timeout_s", "version_policy", "device", "access_log"]
         out.append("- **bertserve settings**: " + ", ".join(f"`{k}={settings.get(k)}`" for k in keys if k in settings)
                    + (f"; overrides from `--env`: {results['meta']['env']}" if results["meta"]["env"] else
                       " (all defaults)"))

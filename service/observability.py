@@ -18,6 +18,10 @@ from service.metrics import ServiceMetrics
 
 access_log = logging.getLogger("bertserve.access")
 
+# Probes and scrapes arrive every few seconds from machines, not clients: counted in the metrics, but
+# kept out of the access log so that it shows traffic.
+_QUIET_ROUTES = frozenset({"/metrics", "/health", "/v2/health/live", "/v2/health/ready"})
+
 # Timing headers in milliseconds, named as text-embeddings-inference names them.
 _TIMING_HEADERS = (("tokenization_s", b"x-tokenization-time"), ("queue_s", b"x-queue-time"),
                    ("infer_s", b"x-inference-time"))
@@ -62,7 +66,7 @@ class RequestObserver:
                 self.metrics.observe_request(model, route, status, seconds, state.get("error_type"))
             except Exception:  # noqa: BLE001 - metrics must never break serving
                 access_log.exception("recording request metrics failed")
-            if access_log.isEnabledFor(logging.INFO):
+            if route not in _QUIET_ROUTES and access_log.isEnabledFor(logging.INFO):
                 access_log.info("request", extra={"fields": {
                     "request_id": state.get("request_id"), "method": scope.get("method"), "route": route,
                     "model": model, "status": status, "duration_ms": round(seconds * 1000, 2),
