@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import openai, ops, tei
 from service.api.errors import REQUEST_ID_HEADER, install_error_handlers
+from service.auth import AccessControl
 from service.metrics import ServiceMetrics
 from service.observability import RequestObserver
 from service.registry import Registry
@@ -132,6 +133,7 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
         app.include_router(kserve.router)
     except ImportError:  # pragma: no cover - while the KServe routes are being written
         pass
+    app.add_middleware(AccessControl, settings=settings)  # inside the guard: refusals carry a request id
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestObserver, metrics=app.state.metrics)  # outermost: sees the guard's answers too
     app.state.tracing = setup_tracing(app, tracing_exporter)

@@ -39,7 +39,7 @@ _REASON_BY_ERROR_TYPE = {
     "overloaded": "overloaded", "timeout": "timeout", "payload_too_large": "too_large",
     "invalid_input": "invalid", "bad_request": "invalid", "model_not_found": "not_found",
     "not_found": "not_found", "method_not_allowed": "invalid", "not_ready": "not_ready",
-    "client_disconnected": "cancelled", "unauthorized": "unauthorized",
+    "client_disconnected": "cancelled", "unauthorized": "unauthorized", "forbidden": "unauthorized",
 }
 # The routes whose series exist from start-up, per loaded model (the others appear when first used).
 INFERENCE_ROUTES = ("/v1/embeddings", "/embed", "/predict", "/v2/models/{model_name}/infer")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,8 +24,8 @@ class ServiceSettings(BaseSettings):
     # Backends
     # 0 = automatic: two single-threaded instances on a multi-core machine. Under concurrent load two
     # independent sessions kept 2 cores busier than one two-threaded session (short texts at
-    # concurrency 32: 148 vs 95 texts/s in bench/); one instance with all cores answers a lone
-    # request faster (6.5 vs 9 ms). Set BERTSERVE_INSTANCES_PER_MODEL=1 to favour latency.
+    # concurrency 32: 148 vs 95 texts/s in bench/); a lone request still gets every core through the
+    # solo sessions (solo_batch_threads below).
     intra_op_threads: int = Field(0, ge=0)  # threads per instance; 0 = cores / instances
     instances_per_model: int = Field(0, ge=0, le=16)  # backend instances (worker threads) per model
     # ONNX Runtime's worker threads spin briefly between parallel sections. Turning that off looked
@@ -59,6 +59,14 @@ class ServiceSettings(BaseSettings):
     max_chars_per_text: int = Field(100_000, ge=1)
     tokenizer_threads: int = Field(2, ge=1, le=64)
 
+    # Access control (service/auth.py). Comma-separated keys for `Authorization: Bearer KEY` on the
+    # inference and metadata routes; empty = open. Secrets: never logged, masked in dumps.
+    api_keys: SecretStr = SecretStr("")
+    # The key for the model repository routes (load, unload, index); empty = those routes are disabled.
+    admin_key: SecretStr = SecretStr("")
+    # Health, readiness and /metrics stay open for probes and scrapers even when API keys are set.
+    open_health_and_metrics: bool = True
+
     log_level: str = "info"
     log_format: Literal["json", "text"] = "json"  # json: one object per line, for log shippers
     access_log: bool = True  # one line per request: id, method, route, model, status, duration; never text
@@ -70,6 +78,10 @@ class ServiceSettings(BaseSettings):
         if 0 < self.max_padding_ratio < 1:
             raise ValueError("max_padding_ratio is padded/real tokens: 0 (no limit) or at least 1")
         return self
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
 
     @property
     def instances(self) -> int:
