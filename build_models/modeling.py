@@ -18,10 +18,13 @@ class EmbeddingModel(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, head_mask=None):
+        # head_mask: only for importance scoring while pruning; exports never pass it.
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
+        if head_mask is not None:
+            kwargs["head_mask"] = head_mask
         hidden = self.encoder(**kwargs, return_dict=False)[0]
         if self.pooling == "cls":
             pooled = hidden[:, 0]
@@ -41,10 +44,12 @@ class ClassificationModel(nn.Module):
         super().__init__()
         self.classifier = classifier
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, head_mask=None):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
+        if head_mask is not None:
+            kwargs["head_mask"] = head_mask
         return self.classifier(**kwargs, return_dict=False)[0]
 
 

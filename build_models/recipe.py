@@ -76,10 +76,34 @@ class QuantizeConfig(_Strict):
     keep_io_types: bool = True  # fp16 only
 
 
-# The seam for the compression issue: prune / distill / finetune add their configs here and their
-# functions in build_models/steps/__init__.py; they operate on the PyTorch model before export.
+class PruneConfig(_Strict):
+    """Structured pruning by importance (build_models/steps/prune.py), before export."""
+
+    step: Literal["prune"] = "prune"
+    heads_per_layer: int | None = Field(None, ge=1)  # heads kept in each layer
+    ffn_dim: int | None = Field(None, ge=1)  # FFN neurons kept in each layer
+    ratio: float | None = Field(None, gt=0, le=1)  # or: the share of heads and neurons kept
+    # Uniform head counts keep one head count for ONNX Runtime's attention fusion; false ranks heads
+    # across layers (at least one per layer), and the optimizer reads each layer's count from the graph.
+    uniform_heads: bool = True
+    dataset: Literal["reuters-r8", "reuters-r52", "20newsgroups", "election-tweets"] = "reuters-r8"
+    calibration_samples: int = Field(256, ge=8)  # from the train split only
+    batch_size: int = Field(16, ge=2)
+    max_seq_len: int = Field(128, ge=8)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _some_target(self) -> "PruneConfig":
+        if self.ratio is None and self.heads_per_layer is None and self.ffn_dim is None:
+            raise ValueError("give heads_per_layer and/or ffn_dim, or a ratio")
+        if self.ratio is not None and (self.heads_per_layer is not None or self.ffn_dim is not None):
+            raise ValueError("give either a ratio or explicit heads_per_layer / ffn_dim, not both")
+        return self
+
+
+# Steps that work on the PyTorch model (prune; distill and finetune to come) run before export.
 StepConfig = Annotated[
-    Union[ExportOnnxConfig, ExportTorchScriptConfig, OptimizeConfig, QuantizeConfig],
+    Union[PruneConfig, ExportOnnxConfig, ExportTorchScriptConfig, OptimizeConfig, QuantizeConfig],
     Field(discriminator="step"),
 ]
 
