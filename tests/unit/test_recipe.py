@@ -41,6 +41,22 @@ def error_of(tmp_path: Path, text: str) -> str:
     return message
 
 
+def test_every_shipped_recipe_is_valid():
+    for path in sorted((REPO / "build_models/recipes").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert recipe.variants, path.name
+
+
+def test_prune_targets_are_validated_with_the_field_named(tmp_path):
+    pruned = VALID.replace("      - export_onnx: {opset: 17}", "      - prune: {heads_per_layer: 0}\n"
+                                                                   "      - export_onnx: {opset: 17}")
+    message = error_of(tmp_path, pruned)
+    assert "variants.0.steps.0.prune.heads_per_layer" in message, message
+    both = VALID.replace("      - export_onnx: {opset: 17}", "      - prune: {ratio: 0.5, ffn_dim: 10}\n"
+                                                                 "      - export_onnx: {opset: 17}")
+    assert "either a ratio" in error_of(tmp_path, both)
+
+
 def test_default_recipe_is_valid():
     recipe = load_recipe(REPO / "build_models/recipes/minilm.yaml")
     names = [v.name for v in recipe.variants]
