@@ -68,6 +68,6 @@ EXPOSE 8000
 # Ready = at least the default model loaded and warmed up (KServe v2 readiness).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python3", "-c", "import os, sys, urllib.request as u; u.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('BERTSERVE_PORT', '8000'), timeout=2); sys.exit(0)"]
-# uvicorn stops on SIGTERM: no new connections, in-flight requests finish (up to BERTSERVE_REQUEST_TIMEOUT_S).
+# uvicorn stops on SIGTERM: no new connections, in-flight requests finish (up to BERTSERVE_SHUTDOWN_GRACE_S).
 STOPSIGNAL SIGTERM
 CMD ["bertserve"]

@@ -20,7 +20,7 @@ def main() -> None:
     logging.getLogger("bertserve.access").disabled = not settings.access_log
     # log_config=None keeps the logging set up above; uvicorn's access log is replaced by bertserve.access.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                log_config=None, access_log=False, timeout_graceful_shutdown=int(settings.request_timeout_s))
+                log_config=None, access_log=False, timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)))
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
         if not reg.ready:
             log.error("not ready: %s", reg.problem or "no model loaded")
         yield
-        await reg.stop(grace_s=settings.request_timeout_s)
+        await reg.stop(grace_s=settings.shutdown_grace_s)
         app.state.tokenizer_pool.shutdown(wait=False)
 
     app = FastAPI(title="bertserve", version=_version(), default_response_class=FastJSONResponse, lifespan=lifespan,

@@ -54,6 +54,8 @@ class ServiceSettings(BaseSettings):
 
     # Requests
     request_timeout_s: float = Field(30.0, gt=0)  # deadline for an item to reach inference
+    # On SIGTERM: stop accepting, then let in-flight requests finish for up to this long.
+    shutdown_grace_s: float = Field(30.0, ge=0, le=3600)
     max_inputs_per_request: int = Field(256, ge=1)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_chars_per_text: int = Field(100_000, ge=1)

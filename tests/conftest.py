@@ -97,3 +97,10 @@ def build_tiny_store(tmp: Path, source: Path, variants: list[dict]) -> Path:
     }))
     build(recipe, tmp / "store", log=lambda _m: None)
     return tmp / "store"
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_embedding_dir) -> Path:
+    """A model store with one tiny ONNX embedding variant, `tiny`, built by the real pipeline."""
+    return build_tiny_store(tmp_path_factory.mktemp("deploy-store"), tiny_embedding_dir,
+                            [{"name": "tiny", "steps": [{"export_onnx": {}}, {"optimize": {}}]}])

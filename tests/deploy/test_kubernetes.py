@@ -41,7 +41,11 @@ def test_deployment_probes_resources_and_wiring():
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
-    assert pod["spec"]["terminationGracePeriodSeconds"] > 30  # > the default request timeout
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    # Kubernetes kills at the end of the grace period: it must cover the preStop pause and the server's
+    # own shutdown grace, or in-flight requests die with the pod.
+    assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop + float(env["BERTSERVE_SHUTDOWN_GRACE_S"])
     for name in ("hpa.yaml", "hpa-queue-depth.yaml"):
         target = load(name)["spec"]["scaleTargetRef"]
         assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
