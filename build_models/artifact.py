@@ -27,6 +27,8 @@ class BuildContext:
     # The PyTorch model as exported (after any pruning or distillation), for checking later steps.
     torch_model: nn.Module | None = None
     model_config: Any = None
+    # Where training steps keep resumable checkpoints (the store's .checkpoints/); None = no checkpoints.
+    checkpoint_dir: Path | None = None
 
 
 @dataclass

@@ -26,6 +26,10 @@ class EmbeddingModel(nn.Module):
         if head_mask is not None:
             kwargs["head_mask"] = head_mask
         hidden = self.encoder(**kwargs, return_dict=False)[0]
+        return self.pool(hidden, attention_mask)
+
+    def pool(self, hidden, attention_mask):
+        """Token states -> the sentence embedding (pooling, then normalization when asked)."""
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         elif self.pooling == "max":

@@ -139,7 +139,8 @@ def build(
             work = work_root / variant.name
             work.mkdir()
             ctx = BuildContext(source=source, task=recipe.task, tokenizer=tokenizer, work_dir=work,
-                               max_seq_len=max_seq_len, provider=variant.provider, sample_texts=sample_texts)
+                               max_seq_len=max_seq_len, provider=variant.provider, sample_texts=sample_texts,
+                               checkpoint_dir=store / ".checkpoints")
             artifact, records = _run_steps(variant, reference, ctx, log, prefix_cache)
             dim_config = ctx.model_config or encoder_config(reference)
             fields = _manifest_fields(recipe, recipe_path, recipe_hash, variant, source, artifact, records,

@@ -101,9 +101,37 @@ class PruneConfig(_Strict):
         return self
 
 
-# Steps that work on the PyTorch model (prune; distill and finetune to come) run before export.
+class DistillConfig(_Strict):
+    """Knowledge distillation into a student made by layer selection (build_models/steps/distill.py)."""
+
+    step: Literal["distill"] = "distill"
+    num_layers: int | None = Field(None, ge=1)  # evenly spaced teacher layers, ending at the last
+    layers: list[int] | None = Field(None, min_length=1)  # or: exactly these teacher layers
+    loss: Literal["cosine", "mse"] = "cosine"  # embedding models: student vs teacher sentence embeddings
+    hidden_loss_weight: float = Field(0.0, ge=0)  # + MSE of each student layer's states vs its teacher layer
+    temperature: float = Field(2.0, gt=0)  # classifiers: KL on logits / T, scaled by T^2
+    ce_weight: float = Field(0.5, ge=0)  # classifiers: + cross-entropy when the corpus labels are the model's
+    dataset: Literal["reuters-r8", "reuters-r52", "20newsgroups", "election-tweets"] = "reuters-r8"
+    samples: int = Field(2000, ge=2)  # training texts from the train split, never the evaluation split
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_seq_len: int = Field(128, ge=8)
+    checkpoint_every: int = Field(50, ge=1)
+    seed: int = 0
+    progress: bool = True  # the tqdm bar on stderr
+
+    @model_validator(mode="after")
+    def _one_student(self) -> "DistillConfig":
+        if (self.num_layers is None) == (self.layers is None):
+            raise ValueError("give exactly one of num_layers or layers for the student")
+        return self
+
+
+# Steps that work on the PyTorch model (prune, distill; finetune to come) run before export.
 StepConfig = Annotated[
-    Union[PruneConfig, ExportOnnxConfig, ExportTorchScriptConfig, OptimizeConfig, QuantizeConfig],
+    Union[PruneConfig, DistillConfig, ExportOnnxConfig, ExportTorchScriptConfig, OptimizeConfig, QuantizeConfig],
     Field(discriminator="step"),
 ]
 

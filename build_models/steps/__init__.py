@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from build_models.artifact import Artifact, BuildContext
-from build_models.steps import export_onnx, export_torchscript, optimize, prune, quantize
+from build_models.steps import distill, export_onnx, export_torchscript, optimize, prune, quantize
 
 StepFn = Callable[[Any, Artifact, BuildContext], tuple[Artifact, dict]]
 
 STEPS: dict[str, StepFn] = {
     "prune": prune.run,
+    "distill": distill.run,
     "export_onnx": export_onnx.run,
     "export_torchscript": export_torchscript.run,
     "optimize": optimize.run,

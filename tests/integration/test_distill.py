@@ -1,0 +1,122 @@
+"""Distillation on tiny random BERTs: the loss falls, the student moves toward its teacher, an
+interrupted run resumes to the same weights, and bad settings fail before any training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from build_models.artifact import Artifact, BuildContext
+from build_models.errors import BuildError
+from build_models.modeling import load_reference
+from build_models.recipe import DistillConfig
+from build_models.steps import distill
+from service.manifest import load_verified
+from tests.conftest import build_tiny_store
+
+HELD_OUT = ["Oil prices rose sharply on Monday after the cartel agreed to cut output.",
+            "Wheat exports fell for a third month as shipping costs climbed.", "Shares of the bank jumped.",
+            "The central bank left interest rates unchanged."]
+FAST = {"samples": 160, "batch_size": 8, "max_seq_len": 32, "learning_rate": 5e-4, "warmup_ratio": 0.0,
+        "progress": False}
+
+
+def context(model_dir, tmp_path, checkpoints=None) -> BuildContext:
+    return BuildContext(source=None, task="embedding", tokenizer=AutoTokenizer.from_pretrained(model_dir),
+                        work_dir=tmp_path, max_seq_len=64, provider="cpu", sample_texts=HELD_OUT,
+                        checkpoint_dir=checkpoints)
+
+
+def mean_cosine(a, b, tok, texts=HELD_OUT) -> float:
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        x = a(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+        y = b(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    return float(torch.nn.functional.cosine_similarity(x, y, dim=-1).mean())
+
+
+def test_student_learns_toward_its_teacher(tiny_embedding_dir, tmp_path, monkeypatch):
+    teacher = load_reference(tiny_embedding_dir, "embedding", "mean", True)
+    tok = AutoTokenizer.from_pretrained(tiny_embedding_dir)
+    cfg = DistillConfig(num_layers=1, epochs=2, **FAST)
+    # A tiny random BERT's single layer already agrees with its teacher to 0.9999; start the student
+    # visibly off (noise on its layer) so that learning toward the teacher is measurable.
+    make_student = distill.make_student
+
+    def noisy_student(model, keep):
+        student = make_student(model, keep)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in student.encoder.encoder.layer.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        return student
+
+    monkeypatch.setattr(distill, "make_student", noisy_student)
+    untrained = noisy_student(teacher, distill.student_layers(cfg, 2)).eval()
+    before = mean_cosine(untrained, teacher, tok)
+    art, details = distill.run(cfg, Artifact(kind="torch", module=teacher), context(tiny_embedding_dir, tmp_path))
+    assert details["student_layers"] == [1] and len(art.module.encoder.encoder.layer) == 1
+    assert details["loss_last"] < details["loss_first"], details
+    after = mean_cosine(art.module, teacher, tok)
+    assert after > before + 0.5 * (1 - before), (before, after)  # at least half the gap closed
+    assert art.module.encoder.config.num_hidden_layers == 1
+
+
+def test_classifier_distills_with_kl_and_its_own_labels(tiny_classifier_dir, tmp_path):
+    teacher = load_reference(tiny_classifier_dir, "classification", None, False)
+    cfg = DistillConfig(num_layers=1, **FAST)
+    art, details = distill.run(cfg, Artifact(kind="torch", module=teacher), context(tiny_classifier_dir, tmp_path))
+    assert details["used_labels"] is True  # the tiny classifier's labels are R8's
+    assert details["loss_last"] < details["loss_first"], details
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_embedding_dir, tmp_path, monkeypatch):
+    cfg = DistillConfig(num_layers=1, checkpoint_every=5, **FAST)  # 20 steps
+
+    def fresh():
+        return Artifact(kind="torch", module=load_reference(tiny_embedding_dir, "embedding", "mean", True))
+
+    straight, _ = distill.run(cfg, fresh(), context(tiny_embedding_dir, tmp_path / "a", tmp_path / "ck-a"))
+
+    def stop_at_7(step):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill, "_after_step", stop_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        distill.run(cfg, fresh(), context(tiny_embedding_dir, tmp_path / "b", tmp_path / "ck-b"))
+    monkeypatch.setattr(distill, "_after_step", lambda step: None)
+    resumed, details = distill.run(cfg, fresh(), context(tiny_embedding_dir, tmp_path / "b", tmp_path / "ck-b"))
+    assert details["resumed_at_step"] == 5
+    for (name, a), (_, b) in zip(straight.module.state_dict().items(), resumed.module.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_bad_settings_fail_before_training(tiny_embedding_dir, tmp_path, monkeypatch):
+    ctx = context(tiny_embedding_dir, tmp_path)
+
+    def teacher():
+        return Artifact(kind="torch", module=load_reference(tiny_embedding_dir, "embedding", "mean", True))
+
+    with pytest.raises(BuildError, match="student of 3 layers is larger than its teacher of 2"):
+        distill.run(DistillConfig(num_layers=3, **FAST), teacher(), ctx)
+    with pytest.raises(BuildError, match=r"layers \[5\] do not exist"):
+        distill.run(DistillConfig(layers=[0, 5], **FAST), teacher(), ctx)
+    with pytest.raises(BuildError, match="need at least one batch"):
+        distill.run(DistillConfig(num_layers=1, **{**FAST, "samples": 4}), teacher(), ctx)
+    with pytest.raises(ValueError, match="exactly one of num_layers or layers"):
+        DistillConfig(num_layers=1, layers=[1])
+    monkeypatch.setattr(distill, "_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(BuildError, match="loss became nan at step 1"):
+        distill.run(DistillConfig(num_layers=1, **FAST), teacher(), ctx)
+
+
+def test_distilled_student_exports_fuses_and_publishes(tiny_embedding_dir, tmp_path):
+    store = build_tiny_store(tmp_path, tiny_embedding_dir, [{"name": "student", "steps": [
+        {"distill": {"num_layers": 1, **FAST}}, {"export_onnx": {}}, {"optimize": {}}]}])
+    steps = {s.name: s for s in load_verified(store / "student" / "1").lineage.steps}
+    assert steps["distill"].details["student_layers"] == [1]
+    assert steps["optimize"].details["fused_nodes"]["Attention"] == 1
+    assert steps["optimize"].details["max_abs_diff_vs_torch"] < 1e-4
+    assert (store / ".checkpoints").is_dir()  # resumable, and invisible to the server's store scan
