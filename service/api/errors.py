@@ -55,7 +55,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         type_ = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
-        return error_response(request, exc.status_code, type_, str(exc.detail))
+        # Starlette's own headers matter (405 carries Allow, as RFC 9110 requires).
+        return error_response(request, exc.status_code, type_, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal, Union
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from service.api.common import encode_ids, encode_texts, model_entry, run, state
 from service.api.responses import FastJSONResponse
@@ -14,7 +14,8 @@ from service.outputs import encode_base64, truncate_dimensions
 
 router = APIRouter(tags=["OpenAI"])
 
-EmbeddingInput = Union[str, list[str], list[int], list[list[int]]]
+# StrictInt: JSON true/false are not token ids (Python's bool is an int, pydantic's lax mode would take them).
+EmbeddingInput = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
 
 
 class EmbeddingRequest(BaseModel):

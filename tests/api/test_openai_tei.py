@@ -84,6 +84,8 @@ def test_models_list(client):
     ({"input": "word " * 40}, 422, "invalid_input", "max_seq_len of 32"),
     ({"input": [[101, 99999999, 102]]}, 422, "invalid_input", "outside this model's vocabulary"),
     ({"input": [-1]}, 422, "invalid_input", "vocabulary"),
+    ({"input": [[True, False]]}, 422, "invalid_input", "input"),  # JSON booleans are not token ids
+    ({"input": [101, 2.5, 102]}, 422, "invalid_input", "input"),
     ({"input": 5}, 422, "invalid_input", "input"),
     ({"input": "x", "encoding_format": "hex"}, 422, "invalid_input", "encoding_format"),
     ({"input": "x", "model": "nope"}, 404, "model_not_found", "nope"),
@@ -109,6 +111,9 @@ def test_body_limits_and_broken_bodies(client):
     assert r.status_code in (400, 422) and "error" in r.json()
     r = client.post("/v1/embeddings", content=b'{"input": "\xff\xfe bad utf8"}', headers={"content-type": "application/json"})
     assert r.status_code in (400, 422) and "error" in r.json()
+    # A method a route does not take: 405 with the Allow header RFC 9110 requires.
+    r = client.delete("/v1/embeddings")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["type"] == "method_not_allowed"
     # The server is still fine afterwards.
     assert client.post("/v1/embeddings", json={"input": "still alive"}).status_code == 200
 
