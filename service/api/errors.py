@@ -6,6 +6,7 @@ import logging
 import uuid
 
 from fastapi import FastAPI, Request
+from pydantic import BaseModel, Field
 from fastapi.exceptions import RequestValidationError
 from service.api.responses import FastJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -13,6 +14,26 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.errors import ServiceError
 
 log = logging.getLogger("bertserve.api")
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="machine-readable error name, e.g. invalid_input, overloaded, timeout")
+    message: str
+    request_id: str
+
+
+class ErrorBody(BaseModel):
+    """The one error shape of every route."""
+
+    error: ErrorDetail
+
+
+# Every route can answer these; documented once so that the OpenAPI schema describes real error bodies
+# (FastAPI's default 422 schema is not what this server sends).
+ERROR_RESPONSES: dict = {code: {"model": ErrorBody, "description": what} for code, what in (
+    (400, "malformed request"), (401, "missing or wrong API key"), (404, "unknown model or route"),
+    (405, "method not allowed"), (413, "too large"), (422, "invalid input"), (429, "overloaded; see Retry-After"),
+    (500, "a backend failed this batch"), (503, "not ready, shutting down, or timed out"))}
 REQUEST_ID_HEADER = "x-request-id"
 
 

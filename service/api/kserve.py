@@ -24,6 +24,7 @@ from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.outputs import softmax
 from service.registry import ModelEntry
 from service.tokenization import Encoded
+from service.api.errors import ERROR_RESPONSES
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -135,7 +136,7 @@ class _InferRoute(APIRoute):
         return split
 
 
-router = APIRouter(tags=["KServe v2"])
+router = APIRouter(tags=["KServe v2"], responses=ERROR_RESPONSES)
 
 
 # ------------------------------------------------------------------ metadata and health

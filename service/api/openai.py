@@ -11,8 +11,9 @@ from service.api.common import encode_ids, encode_texts, model_entry, run, state
 from service.api.responses import FastJSONResponse
 from service.errors import InvalidInput
 from service.outputs import encode_base64, truncate_dimensions
+from service.api.errors import ERROR_RESPONSES
 
-router = APIRouter(tags=["OpenAI"])
+router = APIRouter(tags=["OpenAI"], responses=ERROR_RESPONSES)
 
 # StrictInt: JSON true/false are not token ids (Python's bool is an int, pydantic's lax mode would take them).
 EmbeddingInput = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]

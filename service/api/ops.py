@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from service.metrics import CONTENT_TYPE
+from service.api.errors import ERROR_RESPONSES
 
-router = APIRouter(tags=["Operations"])
+router = APIRouter(tags=["Operations"], responses=ERROR_RESPONSES)
 
 
 @router.get("/metrics", response_class=Response,

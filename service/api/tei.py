@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.api.common import check_texts, encode_texts, model_entry, run, state
 from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.outputs import l2_normalize, softmax
+from service.api.errors import ERROR_RESPONSES
 
-router = APIRouter(tags=["text-embeddings-inference"])
+router = APIRouter(tags=["text-embeddings-inference"], responses=ERROR_RESPONSES)
 
 
 class _TeiRequest(BaseModel):
