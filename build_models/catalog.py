@@ -61,6 +61,16 @@ def markdown_table(store: Path) -> str:
     return head + "\n".join("| " + " | ".join(r.get(c, "") for c in COLUMNS) + " |" for r in rows) + "\n"
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (higher is better on both), by x."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(ox >= x and oy >= y and (ox > x or oy > y) for j, (ox, oy) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
 def write_report(store: Path, out_dir: Path) -> Path:
     """Markdown report plus PNG of quality retention against batch-32 throughput."""
     import matplotlib
@@ -72,6 +82,7 @@ def write_report(store: Path, out_dir: Path) -> Path:
     manifests = [m for m, _ in _rows(store, verify=False) if m is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     reference_tp = []
+    points: list[tuple[float, float]] = []
     for m in manifests:
         b32 = (m.latency.cases.get("batch32_seq128") if m.latency else None) or {}
         retention = m.quality.retention if m.quality else None
@@ -79,9 +90,18 @@ def write_report(store: Path, out_dir: Path) -> Path:
             continue
         throughput = 32 / (b32["variant"] / 1000)
         reference_tp.append(32 / (b32["reference"] / 1000))
+        points.append((throughput, retention))
         ax.scatter(throughput, retention, s=40)
         ax.annotate(f"{m.name} v{m.version}\n({m.format} {m.precision})", (throughput, retention),
                     textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front = pareto_front(points)
+    if front:
+        # The trade-offs worth having: nothing else is both faster and better.
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", alpha=0.6,
+                drawstyle="steps-post", label="Pareto front")
+        ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=110, facecolors="none",
+                   edgecolors="tab:red")
+        ax.legend(loc="lower left", fontsize=8)
     if reference_tp:
         ref = sorted(reference_tp)[len(reference_tp) // 2]
         ax.scatter([ref], [1.0], marker="*", s=120, color="black")
