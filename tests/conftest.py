@@ -104,3 +104,70 @@ def tiny_store(tmp_path_factory, tiny_embedding_dir) -> Path:
     """A model store with one tiny ONNX embedding variant, `tiny`, built by the real pipeline."""
     return build_tiny_store(tmp_path_factory.mktemp("deploy-store"), tiny_embedding_dir,
                             [{"name": "tiny", "steps": [{"export_onnx": {}}, {"optimize": {}}]}])
+
+
+# ------------------------------------------------------------------ servers on loopback
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http_ok(url: str, timeout_s: float, proc=None, log: Path | None = None) -> None:
+    """Poll GET ``url`` until it answers 200; fail early when ``proc`` (a subprocess) has exited, with the
+    tail of its ``log`` in the message."""
+    import time
+
+    import httpx
+
+    def tail() -> str:
+        return "\n" + log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode} before {url} answered{tail()}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"{url} did not answer 200 within {timeout_s:.0f} s{tail()}")
+
+
+class LiveServer:
+    """An app under a real uvicorn on a free loopback port, in a daemon thread; ready once its start-up
+    (the lifespan: models loaded and warmed up) is done. A context manager, or call ``stop()``."""
+
+    def __init__(self, app, timeout_s: float = 60.0):
+        import threading
+        import time
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail("uvicorn did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+    def __enter__(self) -> "LiveServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -112,10 +112,6 @@ def _checkpoint_path(cfg: DistillConfig, ctx: BuildContext, teacher: nn.Module, 
     return ctx.checkpoint_dir / f"distill-{digest.hexdigest()[:16]}.pt"
 
 
-def _pool(model: EmbeddingModel, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return model.pool(hidden, mask)
-
-
 def _loss(cfg: DistillConfig, student: nn.Module, teacher: nn.Module, batch, labels, keep: list[int]) -> torch.Tensor:
     ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
     if isinstance(student, EmbeddingModel):
@@ -126,8 +122,8 @@ def _loss(cfg: DistillConfig, student: nn.Module, teacher: nn.Module, batch, lab
         s_out = student.encoder(**kwargs)
         with torch.no_grad():
             t_out = teacher.encoder(**kwargs)
-        s_emb = _pool(student, s_out.last_hidden_state, mask)
-        t_emb = _pool(teacher, t_out.last_hidden_state, mask)
+        s_emb = student.pool(s_out.last_hidden_state, mask)
+        t_emb = teacher.pool(t_out.last_hidden_state, mask)
         if cfg.loss == "cosine":
             loss = (1 - nn.functional.cosine_similarity(s_emb, t_emb, dim=-1)).mean()
         else:

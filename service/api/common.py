@@ -40,10 +40,9 @@ def _timing(request: Request) -> dict:
 
 def _record_tokenization(request: Request, entry: ModelEntry, began: float, encoded: list[Encoded]) -> None:
     seconds = time.perf_counter() - began
-    _timing(request)["tokenization_s"] = _timing(request).get("tokenization_s", 0.0) + seconds
-    metrics = getattr(state(request), "metrics", None)
-    if metrics is not None:
-        metrics.observe_tokenization(entry.name, seconds, sum(len(e) for e in encoded))
+    timing = _timing(request)
+    timing["tokenization_s"] = timing.get("tokenization_s", 0.0) + seconds
+    state(request).metrics.observe_tokenization(entry.name, seconds, sum(len(e) for e in encoded))
 
 
 def _check_count(request: Request, items: Sequence, field: str, what: str) -> None:

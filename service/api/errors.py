@@ -6,8 +6,8 @@ import logging
 import uuid
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, Field
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from service.api.responses import FastJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 

@@ -20,11 +20,11 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.common import encode_ids, encode_texts, model_entry, run, state
+from service.api.errors import ERROR_RESPONSES
 from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.outputs import softmax
 from service.registry import ModelEntry
 from service.tokenization import Encoded
-from service.api.errors import ERROR_RESPONSES
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from service.api.common import encode_ids, encode_texts, model_entry, run, state
+from service.api.errors import ERROR_RESPONSES
 from service.api.responses import FastJSONResponse
 from service.errors import InvalidInput
 from service.outputs import encode_base64, truncate_dimensions
-from service.api.errors import ERROR_RESPONSES
 
 router = APIRouter(tags=["OpenAI"], responses=ERROR_RESPONSES)
 

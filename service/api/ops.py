@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from service.metrics import CONTENT_TYPE
 from service.api.errors import ERROR_RESPONSES
+from service.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["Operations"], responses=ERROR_RESPONSES)
 

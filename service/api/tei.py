@@ -10,9 +10,9 @@ from service.api.responses import FastJSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.common import check_texts, encode_texts, model_entry, run, state
+from service.api.errors import ERROR_RESPONSES
 from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.outputs import l2_normalize, softmax
-from service.api.errors import ERROR_RESPONSES
 
 router = APIRouter(tags=["text-embeddings-inference"], responses=ERROR_RESPONSES)
 

@@ -5,8 +5,6 @@ schema. Bounded examples per operation, so it stays a minute of the suite."""
 from __future__ import annotations
 
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,23 +15,15 @@ from hypothesis import HealthCheck, settings as hypothesis_settings  # noqa: E40
 from service.app import create_app  # noqa: E402
 from service.settings import ServiceSettings  # noqa: E402
 from tests.api.conftest import make_registry  # noqa: E402
-from tests.deploy.conftest import free_port  # noqa: E402
+from tests.conftest import LiveServer  # noqa: E402
 
 
 def _live_server() -> str:
-    import uvicorn
-
     tmp = Path(tempfile.mkdtemp(prefix="bertserve-fuzz-"))
     settings = ServiceSettings(model_store=tmp, max_inputs_per_request=16, max_body_bytes=20_000,
                                max_chars_per_text=5_000, access_log=False)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, registry=make_registry(tmp, settings)),
-                                           host="127.0.0.1", port=port, log_level="error"))
-    threading.Thread(target=server.run, daemon=True).start()  # lives as long as the test process
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}"
+    # Never stopped: a daemon thread that lives as long as the test process.
+    return LiveServer(create_app(settings, registry=make_registry(tmp, settings))).url
 
 
 BASE = _live_server()

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import struct
-import threading
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -27,6 +23,7 @@ from service.manifest import FileEntry, Lineage, Manifest, TensorSpec
 from service.registry import ModelEntry, Registry
 from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer
+from tests.conftest import LiveServer
 
 MAX_SEQ_LEN = 32
 LABELS = ["negative", "neutral", "positive"]
@@ -362,27 +359,8 @@ def test_openapi_describes_infer(client):
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory, tokenizer_dir):
     registry = make_registry(tmp_path_factory.mktemp("live-store"), tokenizer_dir)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(registry.settings, registry=registry), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"127.0.0.1:{port}", registry
-    server.should_exit = True
-    thread.join(timeout=15)
+    with LiveServer(create_app(registry.settings, registry=registry)) as live:
+        yield f"127.0.0.1:{live.port}", registry
 
 
 def test_tritonclient_live(live_server):

@@ -14,6 +14,7 @@ from service.app import create_app
 from service.backends.fake import FakeBackend
 from service.settings import ServiceSettings
 from tests.api.conftest import make_registry
+from tests.conftest import LiveServer
 
 
 def token_id(registry, word: str) -> int:
@@ -85,23 +86,11 @@ def test_backend_failure_fails_only_its_batch_and_hides_internals(tmp_path):
 
 
 def test_disconnected_client_items_are_dropped_before_inference(tmp_path):
-    import uvicorn
-
     settings = ServiceSettings(model_store=tmp_path, max_batch_size=1, max_queue_delay_ms=0)
     backend = FakeBackend(dim=8, delay_s=0.6)
     registry = make_registry(tmp_path, settings, {"minilm": backend})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, registry=registry), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
+    with LiveServer(create_app(settings, registry=registry)) as live:
+        port = live.port
         # First request occupies the only worker for 0.6 s.
         blocker = threading.Thread(target=lambda: httpx.post(f"http://127.0.0.1:{port}/v1/embeddings",
                                                              json={"input": "blocker"}, timeout=10))
@@ -118,9 +107,6 @@ def test_disconnected_client_items_are_dropped_before_inference(tmp_path):
         seen = {t for row in backend.seen_ids for t in row}
         assert token_id(registry, "blocker") in seen and token_id(registry, "after") in seen
         assert token_id(registry, "vanished") not in seen
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_empty_store_starts_not_ready_and_says_why(tmp_path):

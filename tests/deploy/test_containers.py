@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.deploy.conftest import free_port
+from tests.conftest import free_port
 from tests.deploy.dockerfile import parse_stages
 
 REPO = Path(__file__).resolve().parents[2]

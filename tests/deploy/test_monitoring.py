@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +23,7 @@ from service.app import create_app
 from service.backends.fake import FakeBackend
 from service.settings import ServiceSettings
 from tests.api.conftest import make_registry
-from tests.deploy.conftest import free_port
+from tests.conftest import LiveServer, free_port, wait_http_ok
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -107,24 +106,12 @@ def test_latency_quantiles_come_from_histograms():
 @pytest.fixture(scope="module")
 def service_url(tmp_path_factory):
     """bertserve over fake backends, a real uvicorn on loopback."""
-    import uvicorn
-
     tmp = tmp_path_factory.mktemp("monitored")
     settings = ServiceSettings(model_store=tmp, max_batch_size=4, max_queue_delay_ms=2)
     registry = make_registry(tmp, settings, {"minilm": FakeBackend(dim=8, delay_s=0.002),
                                              "clf": FakeBackend(task="classification", num_labels=3)})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, registry=registry), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with LiveServer(create_app(settings, registry=registry)) as live:
+        yield live.url
 
 
 @pytest.fixture(scope="module")
@@ -146,17 +133,7 @@ def prometheus(tmp_path_factory, service_url):
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp / "prometheus.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("prometheus did not become ready:\n" + (tmp / "prometheus.log").read_text()[-2000:])
+        wait_http_ok(f"{url}/-/ready", 60, proc, tmp / "prometheus.log")
         yield url
     finally:
         proc.terminate()

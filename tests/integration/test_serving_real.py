@@ -3,13 +3,9 @@ alone, whether the request arrives alone or batched with others of different len
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -17,7 +13,7 @@ from service.backends.base import load_backend
 from service.manifest import load_verified
 from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer, pad_batch
-from tests.conftest import build_tiny_store
+from tests.conftest import LiveServer, build_tiny_store
 
 TEXTS = [
     "Oil prices rose sharply on Monday.",
@@ -131,33 +127,13 @@ def test_loading_report(client):
     assert solo == {"tiny": 2, "tiny-int8": 2, "tiny-ts": 0}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_server(store):
-    import uvicorn
-
     from service.app import create_app
 
-    port = _free_port()
-    settings = ServiceSettings(model_store=store, default_model="tiny", port=port)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    settings = ServiceSettings(model_store=store, default_model="tiny")
+    with LiveServer(create_app(settings)) as live:
+        yield live.url
 
 
 def test_official_openai_client(live_server, store):

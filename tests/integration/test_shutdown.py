@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.deploy.conftest import free_port
+from tests.conftest import free_port, wait_http_ok
 
 
 def test_sigterm_under_load_loses_no_accepted_request(tiny_store, tmp_path):
@@ -30,13 +30,7 @@ def test_sigterm_under_load_loses_no_accepted_request(tiny_store, tmp_path):
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        wait_http_ok(f"{url}/v2/health/ready", 60, proc, log_path)
         texts = [f"text number {i} of a request that keeps the batcher busy for a while" for i in range(64)]
         outcomes: list[tuple[float, str]] = []  # (time sent, outcome)
         lock = threading.Lock()
