@@ -86,7 +86,23 @@ def _is_bert(path: Path) -> bool:
     return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "bert"
 
 
+def inner_model(model: nn.Module) -> nn.Module:
+    """The wrapped Hugging Face model (the encoder, or the whole classifier with its head)."""
+    return model.encoder if isinstance(model, EmbeddingModel) else model.classifier
+
+
 def encoder_config(model: nn.Module):
     """The Hugging Face config of the wrapped transformer (heads and hidden size for the optimizer)."""
-    inner = model.encoder if isinstance(model, EmbeddingModel) else model.classifier
-    return inner.config
+    return inner_model(model).config
+
+
+def encoder_layers(model: nn.Module, step: str) -> nn.ModuleList:
+    """The transformer layers of a BERT-layout encoder (BERT, RoBERTa), which ``step`` edits in place."""
+    from build_models.errors import BuildError
+
+    base = getattr(inner_model(model), "base_model", inner_model(model))
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList) or not all(hasattr(l, "intermediate") and hasattr(l, "output")
+                                                        for l in layers):
+        raise BuildError(f"{step}: supports BERT-layout encoders (BERT, RoBERTa); got {type(base).__name__}")
+    return layers

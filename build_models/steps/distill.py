@@ -26,20 +26,8 @@ from torch import nn
 
 from build_models.artifact import Artifact, BuildContext
 from build_models.errors import BuildError
-from build_models.modeling import EmbeddingModel, encoder_config
+from build_models.modeling import EmbeddingModel, encoder_config, encoder_layers, inner_model
 from build_models.recipe import DistillConfig
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    return model.encoder if isinstance(model, EmbeddingModel) else model.classifier
-
-
-def _layer_list(model: nn.Module) -> nn.ModuleList:
-    base = getattr(_inner(model), "base_model", _inner(model))
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise BuildError(f"distill: supports BERT-layout encoders (BERT, RoBERTa); got {type(base).__name__}")
-    return layers
 
 
 def student_layers(cfg: DistillConfig, teacher_layers: int) -> list[int]:
@@ -61,8 +49,8 @@ def student_layers(cfg: DistillConfig, teacher_layers: int) -> list[int]:
 def make_student(teacher: nn.Module, keep: list[int]) -> nn.Module:
     """A copy of the teacher with only the ``keep`` layers (weights copied, pruned heads remapped)."""
     student = copy.deepcopy(teacher)
-    layers = _layer_list(student)
-    base = getattr(_inner(student), "base_model", _inner(student))
+    layers = encoder_layers(student, "distill")
+    base = getattr(inner_model(student), "base_model", inner_model(student))
     base.encoder.layer = nn.ModuleList([layers[i] for i in keep])
     config = encoder_config(student)
     config.num_hidden_layers = len(keep)
@@ -160,7 +148,8 @@ def run(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact,
     teacher = art.module.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    keep = student_layers(cfg, len(_layer_list(teacher)))
+    teacher_depth = len(encoder_layers(teacher, "distill"))
+    keep = student_layers(cfg, teacher_depth)
     student = make_student(teacher, keep)
     texts, corpus_labels = _texts(cfg)
     label_ids = _label_ids(teacher, corpus_labels)
@@ -222,7 +211,7 @@ def run(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact,
         p.requires_grad_(False)
     window = max(1, min(10, len(losses) // 4))
     details = {
-        "teacher_layers": len(_layer_list(teacher)), "student_layers": keep, "steps": total, "resumed_at_step": start,
+        "teacher_layers": teacher_depth, "student_layers": keep, "steps": total, "resumed_at_step": start,
         "texts": len(texts), "dataset": cfg.dataset, "used_labels": label_ids is not None, "loss_first": round(sum(losses[:window]) / window, 6),
         "loss_last": round(sum(losses[-window:]) / window, 6), "seconds": round(time.perf_counter() - began, 1),
         "params": sum(p.numel() for p in student.parameters()),

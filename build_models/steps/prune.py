@@ -24,18 +24,8 @@ from torch import nn
 
 from build_models.artifact import Artifact, BuildContext
 from build_models.errors import BuildError
-from build_models.modeling import ClassificationModel, EmbeddingModel, encoder_config
+from build_models.modeling import ClassificationModel, encoder_config, encoder_layers, inner_model
 from build_models.recipe import PruneConfig
-
-
-def _layers(model: nn.Module) -> list[nn.Module]:
-    inner = model.encoder if isinstance(model, EmbeddingModel) else model.classifier
-    base = getattr(inner, "base_model", inner)
-    encoder = getattr(base, "encoder", None)
-    layers = getattr(encoder, "layer", None)
-    if layers is None or not all(hasattr(l, "intermediate") and hasattr(l, "output") for l in layers):
-        raise BuildError(f"prune: supports BERT-layout encoders (BERT, RoBERTa); got {type(base).__name__}")
-    return list(layers)
 
 
 def plan_targets(cfg: PruneConfig, heads: int, ffn: int) -> tuple[int, int]:
@@ -78,7 +68,7 @@ def _loss(model: nn.Module, batch, head_mask, reference_out) -> torch.Tensor:
 def importance(model: nn.Module, cfg: PruneConfig, ctx: BuildContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-layer-normalized importance of every head [L, H] and FFN neuron [L, F]."""
     config = encoder_config(model)
-    layers = _layers(model)
+    layers = list(encoder_layers(model, "prune"))
     n_layers, n_heads = config.num_hidden_layers, config.num_attention_heads
     head_mask = torch.ones(n_layers, n_heads, requires_grad=True)
     ffn_masks = [torch.ones(l.intermediate.dense.out_features, requires_grad=True) for l in layers]
@@ -141,7 +131,7 @@ def run(cfg: PruneConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact, d
         raise BuildError(f"prune needs the PyTorch model: put it before export (got {art.kind})")
     model = art.module
     config = encoder_config(model)
-    layers = _layers(model)
+    layers = list(encoder_layers(model, "prune"))
     heads, ffn = config.num_attention_heads, layers[0].intermediate.dense.out_features
     if config.pruned_heads:
         raise BuildError("prune: the model is already head-pruned; prune once, with the final targets")
@@ -150,9 +140,8 @@ def run(cfg: PruneConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact, d
 
     head_scores, ffn_scores = importance(model, cfg, ctx)
     remove = _choose_heads(head_scores, keep_heads, cfg.uniform_heads)
-    inner = model.encoder if isinstance(model, EmbeddingModel) else model.classifier
     if remove:
-        inner.prune_heads(remove)
+        inner_model(model).prune_heads(remove)
     if keep_ffn < ffn:
         _prune_ffn(layers, ffn_scores, keep_ffn)
         config.intermediate_size = keep_ffn
