@@ -9,17 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.workloads import load_manifest, load_tokenizer
-
-
-def _pad_id(tok, tokenizer_dir: Path) -> int:
-    import json
-
-    cfg = tokenizer_dir / "tokenizer_config.json"
-    token = json.loads(cfg.read_text()).get("pad_token") if cfg.is_file() else None
-    if isinstance(token, dict):
-        token = token.get("content")
-    pad = tok.token_to_id(token) if isinstance(token, str) else None
-    return int(pad) if pad is not None else 0
+from service.tokenization import pad_token_id
 
 
 class Ceiling:
@@ -36,7 +26,7 @@ class Ceiling:
         self.output_name = manifest["outputs"][0]["name"]
         self.tok = load_tokenizer(path, manifest)
         self.tok.enable_truncation(self.max_seq_len)
-        self.pad_id = _pad_id(self.tok, path / manifest.get("tokenizer_dir", "tokenizer"))
+        self.pad_id = pad_token_id(self.tok, path / manifest.get("tokenizer_dir", "tokenizer"))
         # The same session options as the server's ONNX backend.
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads

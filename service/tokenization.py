@@ -25,6 +25,18 @@ class Encoded:
         return int(self.ids.shape[0])
 
 
+def pad_token_id(tok: Tokenizer, tokenizer_dir: Path) -> int:
+    """The pad token's id from ``tokenizer_config.json`` (0 when none is named)."""
+    cfg_file = tokenizer_dir / "tokenizer_config.json"
+    token = None
+    if cfg_file.is_file():
+        token = json.loads(cfg_file.read_text()).get("pad_token")
+        if isinstance(token, dict):
+            token = token.get("content")
+    pad = tok.token_to_id(token) if isinstance(token, str) else None
+    return int(pad) if pad is not None else 0
+
+
 class TextTokenizer:
     """Turns texts or raw token ids into model inputs of at most ``max_seq_len`` tokens."""
 
@@ -40,17 +52,7 @@ class TextTokenizer:
         # Single-sequence template: the first special token before the text, the rest after it.
         self._prefix = list(empty.ids[:1]) if self._special else []
         self._suffix = list(empty.ids[1:]) if self._special else []
-        self.pad_id = self._pad_id(Path(tokenizer_dir))
-
-    def _pad_id(self, tokenizer_dir: Path) -> int:
-        cfg_file = tokenizer_dir / "tokenizer_config.json"
-        token = None
-        if cfg_file.is_file():
-            token = json.loads(cfg_file.read_text()).get("pad_token")
-            if isinstance(token, dict):
-                token = token.get("content")
-        pad = self._tok.token_to_id(token) if isinstance(token, str) else None
-        return int(pad) if pad is not None else 0
+        self.pad_id = pad_token_id(self._tok, Path(tokenizer_dir))
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         return [len(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=True)]
