@@ -290,11 +290,7 @@ class Batcher:
             if expired:
                 self._post(self._expire, expired, now)
             if batch:
-                try:
-                    self._run(worker, solo_fn if alone and solo_fn is not None else infer_fn, batch, now)
-                finally:
-                    with self._cond:
-                        self._busy -= 1
+                self._run(worker, solo_fn if alone and solo_fn is not None else infer_fn, batch, now)
 
     def _take(self) -> tuple[list[WorkItem], list[WorkItem], float, bool] | None:
         """Block until there is a batch or expired items to hand out; None when the worker should exit.
@@ -327,7 +323,13 @@ class Batcher:
         """Worker thread: run one batch and post its results, or its failure, back to the event loop."""
         started = time.monotonic()
         try:
-            results = list(infer_fn(batch))
+            try:
+                results = list(infer_fn(batch))
+            finally:
+                # Out of inference before any answer goes back, so that the request a client sends next
+                # finds this worker idle (and may run alone).
+                with self._cond:
+                    self._busy -= 1
             if len(results) != len(batch):
                 raise RuntimeError(f"infer fn returned {len(results)} results for {len(batch)} items")
         except Exception as exc:
