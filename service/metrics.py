@@ -10,15 +10,11 @@ one process to form batches); scale out with replicas, each scraped on its own. 
 
 from __future__ import annotations
 
-import logging
-
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
-
-log = logging.getLogger("bertserve.metrics")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 NO_MODEL = "none"  # requests that never resolved to a loaded model (unknown name, bad JSON, ...)

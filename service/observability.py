@@ -90,12 +90,10 @@ class JsonLogFormatter(logging.Formatter):
 
 def configure_logging(level: str, fmt: str) -> None:
     """Root logging for the server process: JSON lines (default) or plain text, on stderr."""
-    import time as _time
-
     handler = logging.StreamHandler()
     if fmt == "json":
         formatter = JsonLogFormatter()
-        formatter.converter = _time.gmtime
+        formatter.converter = time.gmtime
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(formatter)
