@@ -9,6 +9,7 @@ from typing import Any, Literal
 from torch import nn
 
 from build_models.sources import ResolvedSource
+from build_models.training.distributed import World
 
 Kind = Literal["torch", "onnx", "torchscript"]
 
@@ -29,6 +30,10 @@ class BuildContext:
     model_config: Any = None
     # Where training steps keep resumable checkpoints (the store's .checkpoints/); None = no checkpoints.
     checkpoint_dir: Path | None = None
+    # The recipe's fp32 reference (the source, or its fine-tuned teacher): what distill mimics.
+    reference: nn.Module | None = None
+    # The processes this build runs in (one, or torchrun's ranks); training steps use it.
+    world: World = field(default_factory=World)
 
 
 @dataclass

@@ -7,7 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+from typing import get_args
+
 from build_models.errors import BuildError
+from build_models.recipe import Strategy
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,6 +23,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="build only this variant (repeatable)")
     b.add_argument("--allow-below-gate", action="store_true",
                    help="publish variants that miss a quality gate (the manifest records the failure)")
+    b.add_argument("--strategy", choices=get_args(Strategy),
+                   help="how training steps (distill, finetune) spread over the processes; overrides the "
+                        "recipe. auto: ddp under torchrun with several processes, else single")
+    b.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others (joining, each collective) "
+                        "before the build fails instead of hanging (default 1800)")
     l = sub.add_parser("list", help="table of every variant in the store")
     l.add_argument("--store", type=Path, default=Path("model_store"))
     l.add_argument("--verify", action="store_true", help="also check every file's sha256")
@@ -57,9 +66,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def _build(args) -> int:
     from build_models.pipeline import build
+    from build_models.recipe import load_recipe
+    from build_models.training.distributed import World
 
     _quiet_libraries()
-    result = build(args.recipe, args.store, only=args.variants, allow_below_gate=args.allow_below_gate)
+    recipe = load_recipe(args.recipe)
+    if args.strategy:
+        for cfg in [*recipe.teacher, *(s for v in recipe.variants for s in v.steps)]:
+            if hasattr(cfg, "strategy"):
+                cfg.strategy = args.strategy
+    world = World.from_env(timeout_s=args.dist_timeout)
+    log = _stderr if world.is_main else (lambda msg: _stderr(f"[rank {world.rank}] {msg}"))
+    try:
+        result = build(args.recipe, args.store, only=args.variants, allow_below_gate=args.allow_below_gate,
+                       log=log, recipe=recipe, world=world)
+    finally:
+        world.close()
+    if not world.is_main:
+        return 0
     failures = result.gate_failures
     if failures and not args.allow_below_gate:
         for line in failures:
@@ -68,6 +92,10 @@ def _build(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _quiet_libraries() -> None:

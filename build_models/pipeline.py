@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -20,6 +21,7 @@ from build_models.errors import BuildError
 from build_models.publish import discard, ensure_writable, new_staging_dir, publish
 from build_models.recipe import Recipe, VariantConfig, load_recipe
 from build_models.sources import resolve_source
+from build_models.training.distributed import World
 
 Log = Callable[[str], None]
 
@@ -87,9 +89,16 @@ def build(
     allow_below_gate: bool = False,
     log: Log = _stderr,
     recipe: Recipe | None = None,
+    world: World | None = None,
 ) -> BuildResult:
+    """Build, evaluate, gate and publish the recipe's variants.
+
+    Under torchrun (``world`` of several ranks) every rank runs the training steps together; only
+    rank 0 evaluates, exports and publishes, so the store gets each variant once.
+    """
     recipe_path = Path(recipe_path)
     recipe = recipe or load_recipe(recipe_path)
+    world = world or World()
     store = Path(store)
     variants = recipe.variants
     if only:
@@ -98,8 +107,13 @@ def build(
             raise BuildError(f"{recipe_path}: no variant named {', '.join(unknown)}; "
                              f"variants: {', '.join(v.name for v in variants)}")
         variants = [v for v in variants if v.name in only]
-    source = resolve_source(recipe.source, recipe.task, base_dir=recipe_path.parent)
-    ensure_writable(store)
+    # Before any heavy work: every rank must train the same thing with the same code.
+    world.agree("recipe", {"recipe": recipe.model_dump(), "variants": [v.name for v in variants],
+                           "builder": _builder_versions()})
+    source = resolve_source(recipe.source, recipe.task, base_dir=recipe_path.parent,
+                            labels_from_teacher=bool(recipe.teacher))
+    if world.is_main:
+        ensure_writable(store)
 
     # Heavy imports only once the cheap checks have passed, so bad input fails fast.
     from transformers import AutoTokenizer
@@ -108,43 +122,59 @@ def build(
     from build_models.modeling import encoder_config, load_reference
 
     t0 = time.perf_counter()
-    log(f"source {source.path} ({source.model_type}, task {recipe.task})")
+    log(f"source {source.path} ({source.model_type}, task {recipe.task})"
+        + (f", rank {world.rank} of {world.size}" if world.distributed else ""))
     for note in source.notes:
         log(f"note: {note}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
-        reference = load_reference(source.path, recipe.task, source.pooling, source.normalize)
-        default_reference = _default_attention_reference(source, recipe.task, log)
     except (OSError, ValueError) as exc:
-        raise BuildError(f"source {source.path}: cannot load the checkpoint ({str(exc).splitlines()[0]})") from None
+        raise BuildError(f"source {source.path}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
     max_seq_len = min(recipe.max_seq_len or source.max_seq_len, source.max_seq_len)
     names = ["input_ids", "attention_mask"] + (
         ["token_type_ids"] if "token_type_ids" in tokenizer.model_input_names else [])
-    log("evaluating the fp32 PyTorch reference on held-out text ...")
-    evaluator = Evaluator(recipe.evaluation, recipe.task, tokenizer, names, reference, source.labels,
-                          default_reference=default_reference)
-    log(f"reference {evaluator.ref_quality.metric} = {evaluator.ref_quality.value} "
-        f"({len(evaluator.test)} test / {len(evaluator.train)} train texts) in {time.perf_counter() - t0:.0f}s")
-    recipe_hash = hashlib.sha256(recipe_path.read_bytes()).hexdigest() if recipe_path.is_file() else None
-
+    sample_texts = _sample_texts(recipe)
+    work_root = Path(tempfile.mkdtemp(prefix="bertserve-build-"))
     staged: list[tuple[VariantOutcome, Path, dict]] = []
     outcomes: list[VariantOutcome] = []
-    work_root = Path(tempfile.mkdtemp(prefix="bertserve-build-"))
-    prefix_cache: dict[str, tuple] = {}
-    sample_texts = _sample_texts(recipe)
+
+    def context(name: str, provider: str = "cpu", reference=None) -> BuildContext:
+        work = work_root / name
+        work.mkdir()
+        return BuildContext(source=source, task=recipe.task, tokenizer=tokenizer, work_dir=work,
+                            max_seq_len=max_seq_len, provider=provider, sample_texts=sample_texts,
+                            checkpoint_dir=store / ".checkpoints", reference=reference, world=world)
+
     try:
+        teacher_records = []
+        if recipe.teacher:
+            source, teacher_records = _make_teacher(recipe, context(".teacher"), work_root / ".teacher-model", log)
+        try:
+            reference = load_reference(source.path, recipe.task, source.pooling, source.normalize)
+            default_reference = _default_attention_reference(source, recipe.task, log) if world.is_main else None
+        except (OSError, ValueError) as exc:
+            raise BuildError(f"source {source.path}: cannot load the checkpoint ({str(exc).splitlines()[0]})") from None
+        evaluator = None
+        if world.is_main:
+            log("evaluating the fp32 PyTorch reference on held-out text ...")
+            evaluator = Evaluator(recipe.evaluation, recipe.task, tokenizer, names, reference, source.labels,
+                                  default_reference=default_reference)
+            log(f"reference {evaluator.ref_quality.metric} = {evaluator.ref_quality.value} "
+                f"({len(evaluator.test)} test / {len(evaluator.train)} train texts) in {time.perf_counter() - t0:.0f}s")
+        recipe_hash = hashlib.sha256(recipe_path.read_bytes()).hexdigest() if recipe_path.is_file() else None
+        prefix_cache: dict[str, tuple] = {}
         for variant in variants:
             started = time.perf_counter()
+            ctx = context(variant.name, variant.provider, reference)
+            if not world.is_main:
+                # The other ranks only help train; rank 0 exports, evaluates and publishes.
+                _run_steps(variant, reference, ctx, log, prefix_cache, training_only=True)
+                continue
             outcome = VariantOutcome(name=variant.name, published=False)
-            work = work_root / variant.name
-            work.mkdir()
-            ctx = BuildContext(source=source, task=recipe.task, tokenizer=tokenizer, work_dir=work,
-                               max_seq_len=max_seq_len, provider=variant.provider, sample_texts=sample_texts,
-                               checkpoint_dir=store / ".checkpoints")
             artifact, records = _run_steps(variant, reference, ctx, log, prefix_cache)
             dim_config = ctx.model_config or encoder_config(reference)
-            fields = _manifest_fields(recipe, recipe_path, recipe_hash, variant, source, artifact, records,
-                                      max_seq_len, names, dim_config)
+            fields = _manifest_fields(recipe, recipe_path, recipe_hash, variant, source, artifact,
+                                      teacher_records + records, max_seq_len, names, dim_config)
             _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log)
             staging = new_staging_dir(store, variant.name)
             try:
@@ -173,6 +203,28 @@ def build(
     return BuildResult(outcomes)
 
 
+def _make_teacher(recipe: Recipe, ctx: BuildContext, out_dir: Path, log: Log):
+    """Run the recipe's teacher steps (finetune) and return the source as the teacher checkpoint it
+    became, plus the steps' records for every variant's lineage."""
+    from build_models.steps import STEPS
+    from service.manifest import StepRecord
+
+    artifact, records = Artifact(kind="torch", precision="fp32"), []
+    for cfg in recipe.teacher:
+        t = time.perf_counter()
+        artifact, details = STEPS[cfg.step](cfg, artifact, ctx)
+        records.append(StepRecord(name=cfg.step, params=cfg.model_dump(exclude={"step"}),
+                                  details=_jsonable({"teacher": True, **details})))
+        log(f"[teacher] {cfg.step} done in {time.perf_counter() - t:.1f}s")
+    classifier = artifact.module.classifier
+    classifier.save_pretrained(str(out_dir))
+    id2label = classifier.config.id2label
+    labels = [id2label[i] for i in sorted(id2label)]
+    teacher = dataclasses.replace(ctx.source, path=out_dir, labels=labels, config=classifier.config.to_dict(),
+                                  notes=[])
+    return teacher, records
+
+
 def _default_attention_reference(source, task, log: Log):
     from build_models.modeling import load_reference
 
@@ -183,11 +235,16 @@ def _default_attention_reference(source, task, log: Log):
         return None
 
 
-def _run_steps(variant: VariantConfig, reference, ctx: BuildContext, log: Log, cache: dict):
+TRAINING_STEPS = ("distill", "finetune")
+
+
+def _run_steps(variant: VariantConfig, reference, ctx: BuildContext, log: Log, cache: dict,
+               training_only: bool = False):
     """Run the variant's steps, reusing the ONNX files of a step prefix another variant already ran.
 
     Variants often share ``export_onnx, optimize``; only file-based (ONNX) artifacts are reused,
-    since they are never modified in place.
+    since they are never modified in place. ``training_only``: stop after the last training step
+    (what the other ranks of a torchrun world do).
     """
     from build_models.steps import STEPS
     from service.manifest import StepRecord
@@ -205,7 +262,11 @@ def _run_steps(variant: VariantConfig, reference, ctx: BuildContext, log: Log, c
     else:
         artifact = Artifact(kind="torch", precision="fp32", module=copy.deepcopy(reference))
         records = []
-    for index in range(start, len(variant.steps)):
+    end = len(variant.steps)
+    if training_only:
+        trained = [i for i, c in enumerate(variant.steps) if c.step in TRAINING_STEPS]
+        end = trained[-1] + 1 if trained else 0
+    for index in range(start, end):
         cfg = variant.steps[index]
         if cfg.step.startswith("export_") and artifact.kind == "torch":
             ctx.torch_model = artifact.module if artifact.precision == "fp32" else ctx.torch_model

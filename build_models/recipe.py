@@ -76,6 +76,11 @@ class QuantizeConfig(_Strict):
     keep_io_types: bool = True  # fp16 only
 
 
+Dataset = Literal["reuters-r8", "reuters-r52", "20newsgroups", "election-tweets"]
+# auto: ddp when torchrun started several processes, else single (build_models/training/strategy.py).
+Strategy = Literal["auto", "single", "ddp"]
+
+
 class PruneConfig(_Strict):
     """Structured pruning by importance (build_models/steps/prune.py), before export."""
 
@@ -86,7 +91,7 @@ class PruneConfig(_Strict):
     # Uniform head counts keep one head count for ONNX Runtime's attention fusion; false ranks heads
     # across layers (at least one per layer), and the optimizer reads each layer's count from the graph.
     uniform_heads: bool = True
-    dataset: Literal["reuters-r8", "reuters-r52", "20newsgroups", "election-tweets"] = "reuters-r8"
+    dataset: Dataset = "reuters-r8"
     calibration_samples: int = Field(256, ge=8)  # from the train split only
     batch_size: int = Field(16, ge=2)
     max_seq_len: int = Field(128, ge=8)
@@ -101,7 +106,33 @@ class PruneConfig(_Strict):
         return self
 
 
-class DistillConfig(_Strict):
+class TrainingConfig(_Strict):
+    """What the training steps (finetune, distill) share: data, optimiser, checkpoints, strategy."""
+
+    dataset: Dataset = "reuters-r8"  # its train split only, never the evaluation split
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)  # the global batch, split over the ranks under ddp
+    learning_rate: float = Field(1e-4, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_seq_len: int = Field(128, ge=8)
+    checkpoint_every: int = Field(50, ge=1)
+    seed: int = 0
+    progress: bool = True  # the tqdm bar on stderr
+    strategy: Strategy = "auto"
+
+
+class FinetuneConfig(TrainingConfig):
+    """Fine-tune the source into a classifier on a bundled labelled corpus (build_models/steps/finetune.py).
+
+    Runs in the recipe's ``teacher:`` section: its result is the fp32 reference every variant is
+    measured against and distilled from."""
+
+    step: Literal["finetune"] = "finetune"
+    samples: int | None = Field(None, ge=2)  # None = the whole train split
+    epochs: int = Field(2, ge=1)
+
+
+class DistillConfig(TrainingConfig):
     """Knowledge distillation into a student made by layer selection (build_models/steps/distill.py)."""
 
     step: Literal["distill"] = "distill"
@@ -111,16 +142,10 @@ class DistillConfig(_Strict):
     hidden_loss_weight: float = Field(0.0, ge=0)  # + MSE of each student layer's states vs its teacher layer
     temperature: float = Field(2.0, gt=0)  # classifiers: KL on logits / T, scaled by T^2
     ce_weight: float = Field(0.5, ge=0)  # classifiers: + cross-entropy when the corpus labels are the model's
-    dataset: Literal["reuters-r8", "reuters-r52", "20newsgroups", "election-tweets"] = "reuters-r8"
-    samples: int = Field(2000, ge=2)  # training texts from the train split, never the evaluation split
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_seq_len: int = Field(128, ge=8)
-    checkpoint_every: int = Field(50, ge=1)
-    seed: int = 0
-    progress: bool = True  # the tqdm bar on stderr
+    samples: int = Field(2000, ge=2)  # unlabeled training texts
+    # reference: mimic the recipe's fp32 reference (the original or fine-tuned teacher), so a pruned
+    # student learns back toward it; current: mimic the model as it stands before this step.
+    teacher: Literal["reference", "current"] = "reference"
 
     @model_validator(mode="after")
     def _one_student(self) -> "DistillConfig":
@@ -129,7 +154,7 @@ class DistillConfig(_Strict):
         return self
 
 
-# Steps that work on the PyTorch model (prune, distill; finetune to come) run before export.
+# Steps that work on the PyTorch model (prune, distill) run before export.
 StepConfig = Annotated[
     Union[PruneConfig, DistillConfig, ExportOnnxConfig, ExportTorchScriptConfig, OptimizeConfig, QuantizeConfig],
     Field(discriminator="step"),
@@ -149,7 +174,7 @@ class GatesConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    dataset: Literal["reuters-r8", "reuters-r52", "20newsgroups", "election-tweets"] = "reuters-r8"
+    dataset: Dataset = "reuters-r8"
     # Subsample sizes keep a build inside minutes on a 2-core machine; seeds make them repeatable.
     probe_train_samples: int = Field(800, ge=20)
     probe_test_samples: int = Field(400, ge=20)
@@ -157,6 +182,30 @@ class EvaluationConfig(_Strict):
     seed: int = 0
     latency_repeats: int = Field(4, ge=1)
     threads: int | None = Field(None, ge=1)
+
+
+def steps_from_yaml(value: Any) -> Any:
+    """Turn ``{quantize: {...}}`` items into ``{step: quantize, ...}`` for a tagged union."""
+    if not isinstance(value, list):
+        return value
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            out.append({"step": item})
+        elif isinstance(item, dict) and len(item) == 1 and "step" not in item:
+            (name, params), = item.items()
+            if params is None:
+                params = {}
+            if not isinstance(params, dict):
+                raise ValueError(f"parameters of step '{name}' must be a mapping, got {params!r}")
+            out.append({"step": name, **params})
+        else:
+            out.append(item)
+    return out
+
+
+# Steps of the recipe's teacher section: they make the fp32 reference itself.
+TeacherStep = Annotated[Union[FinetuneConfig], Field(discriminator="step")]
 
 
 class VariantConfig(_Strict):
@@ -171,23 +220,7 @@ class VariantConfig(_Strict):
     @field_validator("steps", mode="before")
     @classmethod
     def _one_key_mappings(cls, value: Any) -> Any:
-        """Turn ``{quantize: {...}}`` into ``{step: quantize, ...}`` for the tagged union."""
-        if not isinstance(value, list):
-            return value
-        out = []
-        for item in value:
-            if isinstance(item, str):
-                out.append({"step": item})
-            elif isinstance(item, dict) and len(item) == 1 and "step" not in item:
-                (name, params), = item.items()
-                if params is None:
-                    params = {}
-                if not isinstance(params, dict):
-                    raise ValueError(f"parameters of step '{name}' must be a mapping, got {params!r}")
-                out.append({"step": name, **params})
-            else:
-                out.append(item)
-        return out
+        return steps_from_yaml(value)
 
     @model_validator(mode="after")
     def _step_order(self) -> "VariantConfig":
@@ -218,6 +251,8 @@ class Recipe(_Strict):
     source: SourceConfig
     task: Literal["embedding", "classification"]
     max_seq_len: int | None = Field(None, ge=8)
+    # Steps that turn the source into the teacher (the fp32 reference) before any variant is built.
+    teacher: list[TeacherStep] = Field(default_factory=list)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     variants: list[VariantConfig] = Field(min_length=1)
@@ -228,7 +263,14 @@ class Recipe(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"variant names must be unique, repeated: {dupes}")
+        if any(s.step == "finetune" for s in self.teacher) and self.task != "classification":
+            raise ValueError("the finetune teacher step makes a classifier: set task: classification")
         return self
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _teacher_steps(cls, value: Any) -> Any:
+        return steps_from_yaml(value)
 
     def gates_for(self, variant: VariantConfig) -> GatesConfig:
         if variant.gates is None:

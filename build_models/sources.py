@@ -77,7 +77,10 @@ def _sentence_transformers_pooling(path: Path) -> tuple[str | None, bool]:
     return pooling, normalize
 
 
-def resolve_source(cfg: SourceConfig, task: str, base_dir: Path | None = None) -> ResolvedSource:
+def resolve_source(cfg: SourceConfig, task: str, base_dir: Path | None = None,
+                   labels_from_teacher: bool = False) -> ResolvedSource:
+    """The checkpoint directory and what the task needs from it. ``labels_from_teacher``: a classifier
+    recipe whose teacher step (finetune) brings the labels, so the source needs none."""
     if cfg.package:
         path = _package_dir(cfg.package)
         description = {"package": cfg.package}
@@ -127,6 +130,8 @@ def resolve_source(cfg: SourceConfig, task: str, base_dir: Path | None = None) -
             src.notes.append("no sentence-transformers pooling config: using mean pooling, no normalization")
             pooling = "mean"
         src.pooling, src.normalize = pooling, normalize
+    elif labels_from_teacher:
+        src.pooling, src.normalize = None, False
     else:
         id2label = config.get("id2label")
         if not id2label:

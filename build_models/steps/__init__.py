@@ -1,7 +1,7 @@
 """Build steps, one module each. A step is ``run(config, artifact, ctx) -> (artifact, details)``.
 
-The compression issue's prune / distill / finetune steps register here too; they take and return
-``kind == "torch"`` artifacts, so they slot in before the export step.
+prune and distill take and return ``kind == "torch"`` artifacts, so they slot in before the export
+step; finetune runs in a recipe's ``teacher:`` section and makes the reference itself.
 """
 
 from __future__ import annotations
@@ -9,13 +9,15 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from build_models.artifact import Artifact, BuildContext
-from build_models.steps import distill, export_onnx, export_torchscript, optimize, prune, quantize
+from build_models.steps import (distill, export_onnx, export_torchscript, finetune, optimize, prune,
+                                quantize)
 
 StepFn = Callable[[Any, Artifact, BuildContext], tuple[Artifact, dict]]
 
 STEPS: dict[str, StepFn] = {
     "prune": prune.run,
     "distill": distill.run,
+    "finetune": finetune.run,
     "export_onnx": export_onnx.run,
     "export_torchscript": export_torchscript.run,
     "optimize": optimize.run,

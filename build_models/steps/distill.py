@@ -1,8 +1,9 @@
-"""Knowledge distillation into a smaller student (single process; data-parallel training comes next).
+"""Knowledge distillation into a smaller student, in one process or data-parallel under torchrun.
 
-The student starts from the teacher (the model as it stands: the original, or a pruned one) by layer
-selection, e.g. 6 to 3 layers keeping layers 1, 3, 5, and is trained to mimic the teacher on real,
-unlabeled text from a bundled corpus's train split (never the evaluation split):
+The student starts from the model as it stands (the original, or a pruned one) by layer selection,
+e.g. 6 to 3 layers keeping layers 1, 3, 5, and is trained to mimic its teacher (by default the recipe's
+fp32 reference, so a pruned student learns back toward the original) on real, unlabeled text from a
+bundled corpus's train split (never the evaluation split):
 - embedding models: cosine or MSE between student and teacher sentence embeddings, plus optionally MSE
   between each student layer's hidden states and its teacher layer's;
 - classifiers: KL divergence of temperature-softened logits, scaled by T^2, plus cross-entropy on the
@@ -10,16 +11,12 @@ unlabeled text from a bundled corpus's train split (never the evaluation split):
 A progress bar shows step, loss and time left. Checkpoints (student, optimizer, scheduler, RNG, step)
 are written every `checkpoint_every` steps under the build's checkpoint folder, keyed by everything that
 decides the result, so an interrupted build resumes where it stopped and ends with the same weights.
+Under torchrun the same step trains data-parallel (build_models/training/strategy.py).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import random
-import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,6 +25,9 @@ from build_models.artifact import Artifact, BuildContext
 from build_models.errors import BuildError
 from build_models.modeling import EmbeddingModel, encoder_config, encoder_layers, inner_model
 from build_models.recipe import DistillConfig
+from build_models.training.data import training_texts
+from build_models.training.loop import checkpoint_key, train
+from build_models.training.strategy import resolve_strategy
 
 
 def student_layers(cfg: DistillConfig, teacher_layers: int) -> list[int]:
@@ -62,19 +62,6 @@ def make_student(teacher: nn.Module, keep: list[int]) -> nn.Module:
     return student
 
 
-def _texts(cfg: DistillConfig) -> tuple[list[str], list[str]]:
-    from build_models.corpora import load_split
-
-    data = load_split(cfg.dataset, "train")
-    pairs = [(t, l) for t, l in zip(data.texts, data.labels) if t.strip()]
-    random.Random(cfg.seed).shuffle(pairs)
-    pairs = pairs[: cfg.samples]
-    if len(pairs) < cfg.batch_size:
-        raise BuildError(f"distill: {len(pairs)} training texts in {cfg.dataset}; need at least one batch of "
-                         f"{cfg.batch_size}")
-    return [t for t, _ in pairs], [l for _, l in pairs]
-
-
 def _label_ids(model: nn.Module, corpus_labels: list[str]) -> list[int] | None:
     """The corpus labels as the classifier's class ids, when they are its own labels; else None."""
     if isinstance(model, EmbeddingModel):
@@ -86,55 +73,69 @@ def _label_ids(model: nn.Module, corpus_labels: list[str]) -> list[int] | None:
     return [label2id[l] for l in corpus_labels]
 
 
-def _checkpoint_path(cfg: DistillConfig, ctx: BuildContext, teacher: nn.Module, keep: list[int]) -> Path | None:
-    if ctx.checkpoint_dir is None:
-        return None
-    digest = hashlib.sha256()
-    digest.update(json.dumps(cfg.model_dump(), sort_keys=True).encode())
-    digest.update(json.dumps(keep).encode())
-    digest.update(str(ctx.source.path if ctx.source else "").encode())
-    for name, tensor in sorted(teacher.state_dict().items()):  # a pruned teacher is another teacher
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(str(float(tensor.float().sum())).encode())
-    return ctx.checkpoint_dir / f"distill-{digest.hexdigest()[:16]}.pt"
+class StudentForward(nn.Module):
+    """The student's forward as one module call (what DDP wraps): the sentence embedding or logits,
+    and the hidden states when the hidden-state loss needs them."""
+
+    def __init__(self, student: nn.Module, hidden: bool):
+        super().__init__()
+        self.student, self.hidden = student, hidden
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        if not isinstance(self.student, EmbeddingModel):
+            return self.student(input_ids, attention_mask, token_type_ids), None
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "return_dict": True,
+                  "output_hidden_states": self.hidden}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.student.encoder(**kwargs)
+        return self.student.pool(out.last_hidden_state, attention_mask), out.hidden_states
 
 
-def _loss(cfg: DistillConfig, student: nn.Module, teacher: nn.Module, batch, labels, keep: list[int]) -> torch.Tensor:
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Squared error over each sequence's real tokens, averaged per sequence, then over the batch:
+    padding never counts, and equal shards of a batch average to the whole batch's value."""
+    m = mask.unsqueeze(-1).to(a.dtype)
+    per_sequence = ((a - b) ** 2 * m).sum(dim=(1, 2)) / (m.sum(dim=(1, 2)) * a.shape[-1]).clamp(min=1)
+    return per_sequence.mean()
+
+
+def _loss(cfg: DistillConfig, forward: nn.Module, teacher: nn.Module, batch, labels, keep: list[int]) -> torch.Tensor:
     ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-    if isinstance(student, EmbeddingModel):
+    s_out, s_hidden = forward(ids, mask, types)
+    if isinstance(teacher, EmbeddingModel):
         kwargs = {"input_ids": ids, "attention_mask": mask, "output_hidden_states": cfg.hidden_loss_weight > 0,
                   "return_dict": True}
         if types is not None:
             kwargs["token_type_ids"] = types
-        s_out = student.encoder(**kwargs)
         with torch.no_grad():
             t_out = teacher.encoder(**kwargs)
-        s_emb = student.pool(s_out.last_hidden_state, mask)
-        t_emb = teacher.pool(t_out.last_hidden_state, mask)
+            t_emb = teacher.pool(t_out.last_hidden_state, mask)
         if cfg.loss == "cosine":
-            loss = (1 - nn.functional.cosine_similarity(s_emb, t_emb, dim=-1)).mean()
+            loss = (1 - nn.functional.cosine_similarity(s_out, t_emb, dim=-1)).mean()
         else:
-            loss = nn.functional.mse_loss(s_emb, t_emb)
+            loss = nn.functional.mse_loss(s_out, t_emb)
         if cfg.hidden_loss_weight > 0:
             # hidden_states[0] are the embeddings; student layer j mimics teacher layer keep[j].
-            hidden = sum(nn.functional.mse_loss(s_out.hidden_states[j + 1], t_out.hidden_states[k + 1])
+            hidden = sum(_masked_mse(s_hidden[j + 1], t_out.hidden_states[k + 1], mask)
                          for j, k in enumerate(keep)) / len(keep)
             loss = loss + cfg.hidden_loss_weight * hidden
         return loss
-    s_logits = student(ids, mask, types)
     with torch.no_grad():
         t_logits = teacher(ids, mask, types)
     t = cfg.temperature
-    loss = nn.functional.kl_div(nn.functional.log_softmax(s_logits / t, dim=-1),
+    loss = nn.functional.kl_div(nn.functional.log_softmax(s_out / t, dim=-1),
                                 nn.functional.softmax(t_logits / t, dim=-1), reduction="batchmean") * t * t
     if labels is not None and cfg.ce_weight > 0:
-        loss = loss + cfg.ce_weight * nn.functional.cross_entropy(s_logits, labels)
+        loss = loss + cfg.ce_weight * nn.functional.cross_entropy(s_out, labels)
     return loss
 
 
-def _after_step(step: int) -> None:
-    """Called after every optimizer step; tests replace it to interrupt a run."""
+def _teacher(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> nn.Module:
+    """The model the student mimics: the recipe's fp32 reference, or the model as it stands."""
+    if cfg.teacher == "current" or ctx.reference is None:
+        return art.module
+    return ctx.reference
 
 
 def run(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact, dict]:
@@ -142,79 +143,41 @@ def run(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact,
         raise BuildError(f"distill needs the PyTorch model: put it before export (got {art.kind})")
     if art.precision != "fp32":
         raise BuildError("distill trains in fp32: put quantize after it")
-    from tqdm import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
-    teacher = art.module.eval()
+    world = ctx.world
+    strategy = resolve_strategy(cfg.strategy, world, cfg.batch_size, "distill")
+    teacher = _teacher(cfg, art, ctx).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    start_from = art.module
+    depth = len(encoder_layers(start_from, "distill"))
+    keep = student_layers(cfg, depth)
     teacher_depth = len(encoder_layers(teacher, "distill"))
-    keep = student_layers(cfg, teacher_depth)
-    student = make_student(teacher, keep)
-    texts, corpus_labels = _texts(cfg)
+    if cfg.hidden_loss_weight > 0 and teacher_depth != depth:
+        raise BuildError(f"distill: the hidden-state loss maps student layers to teacher layers by index, but the "
+                         f"model has {depth} layers and its teacher {teacher_depth}; set hidden_loss_weight: 0")
+    texts, corpus_labels = training_texts("distill", cfg.dataset, cfg.samples, cfg.seed, cfg.batch_size)
     label_ids = _label_ids(teacher, corpus_labels)
-    steps_per_epoch = len(texts) // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
+    student = make_student(start_from, keep).to(world.device)
+    teacher = teacher.to(world.device)
+    checkpoint = None
+    if ctx.checkpoint_dir is not None:
+        key = checkpoint_key(cfg.model_dump(exclude={"progress", "strategy"}), keep,
+                             str(ctx.source.path if ctx.source else ""), start_from, teacher)
+        checkpoint = ctx.checkpoint_dir / f"distill-{key}.pt"
 
-    torch.manual_seed(cfg.seed)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=0.01)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-    start, losses = 0, []
-    checkpoint = _checkpoint_path(cfg, ctx, teacher, keep)
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)  # our own file, written below
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start, losses = state["step"], state["losses"]
+    def loss_fn(forward: nn.Module, rows: list[int]) -> torch.Tensor:
+        batch = ctx.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                              max_length=cfg.max_seq_len, return_tensors="pt").to(world.device)
+        labels = torch.tensor([label_ids[i] for i in rows], device=world.device) if label_ids is not None else None
+        return _loss(cfg, forward, teacher, batch, labels, keep)
 
-    began = time.perf_counter()
-    student.train()
-    bar = tqdm(total=total, initial=start, desc="distill", unit="step", disable=not cfg.progress)
-    try:
-        for step in range(start, total):
-            epoch, index = divmod(step, steps_per_epoch)
-            order = list(range(len(texts)))
-            random.Random(cfg.seed + epoch).shuffle(order)
-            rows = order[index * cfg.batch_size:(index + 1) * cfg.batch_size]
-            batch = ctx.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                                  max_length=cfg.max_seq_len, return_tensors="pt")
-            labels = torch.tensor([label_ids[i] for i in rows]) if label_ids is not None else None
-            loss = _loss(cfg, student, teacher, batch, labels, keep)
-            if not torch.isfinite(loss):
-                raise BuildError(f"distill: the loss became {loss.item()} at step {step + 1}; lower learning_rate "
-                                 f"(now {cfg.learning_rate})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            value = loss.item()
-            losses.append(value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-            done = step + 1
-            if checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == total):
-                checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                tmp = checkpoint.with_suffix(".tmp")
-                torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "step": done,
-                            "losses": losses}, tmp)
-                tmp.replace(checkpoint)  # never a half-written checkpoint
-            _after_step(done)
-    finally:
-        bar.close()
-    student.eval()
-    for p in student.parameters():
-        p.requires_grad_(False)
-    window = max(1, min(10, len(losses) // 4))
+    outcome = train("distill", cfg, student, StudentForward(student, cfg.hidden_loss_weight > 0), len(texts),
+                    loss_fn, world, strategy, checkpoint)
+    student = student.cpu()
+    teacher.cpu()
     details = {
-        "teacher_layers": teacher_depth, "student_layers": keep, "steps": total, "resumed_at_step": start,
-        "texts": len(texts), "dataset": cfg.dataset, "used_labels": label_ids is not None, "loss_first": round(sum(losses[:window]) / window, 6),
-        "loss_last": round(sum(losses[-window:]) / window, 6), "seconds": round(time.perf_counter() - began, 1),
-        "params": sum(p.numel() for p in student.parameters()),
+        "teacher": cfg.teacher if ctx.reference is not None else "current", "teacher_layers": teacher_depth,
+        "student_layers": keep, "texts": len(texts), "dataset": cfg.dataset, "used_labels": label_ids is not None,
+        **outcome.summary(), "params": sum(p.numel() for p in student.parameters()),
     }
     return Artifact(kind="torch", precision="fp32", module=student), details
-

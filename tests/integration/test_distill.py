@@ -12,6 +12,7 @@ from build_models.errors import BuildError
 from build_models.modeling import load_reference
 from build_models.recipe import DistillConfig
 from build_models.steps import distill
+from build_models.training import loop
 from service.manifest import load_verified
 from tests.conftest import build_tiny_store
 
@@ -83,10 +84,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_embedding_dir, tmp_pat
         if step == 7:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(distill, "_after_step", stop_at_7)
+    monkeypatch.setattr(loop, "after_step", stop_at_7)
     with pytest.raises(KeyboardInterrupt):
         distill.run(cfg, fresh(), context(tiny_embedding_dir, tmp_path / "b", tmp_path / "ck-b"))
-    monkeypatch.setattr(distill, "_after_step", lambda step: None)
+    monkeypatch.setattr(loop, "after_step", lambda step: None)
     resumed, details = distill.run(cfg, fresh(), context(tiny_embedding_dir, tmp_path / "b", tmp_path / "ck-b"))
     assert details["resumed_at_step"] == 5
     for (name, a), (_, b) in zip(straight.module.state_dict().items(), resumed.module.state_dict().items()):

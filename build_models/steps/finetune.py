@@ -1,0 +1,61 @@
+"""Fine-tune the source checkpoint into a text classifier on a bundled labelled corpus.
+
+For users with an encoder but no classifier yet: a classification head on the source (BERT's pooled
+[CLS] output), trained with cross-entropy on the corpus's train split (Reuters R8, say, or the
+election tweets' authors), never its test split. The result becomes the recipe's teacher: the fp32
+reference that variants are distilled from and measured against. Same loop, checkpoints and
+strategies as distill.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from build_models.artifact import Artifact, BuildContext
+from build_models.errors import BuildError
+from build_models.modeling import ClassificationModel
+from build_models.recipe import FinetuneConfig
+from build_models.training.data import training_texts
+from build_models.training.loop import checkpoint_key, train
+from build_models.training.strategy import resolve_strategy
+
+
+def run(cfg: FinetuneConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact, dict]:
+    from transformers import AutoModelForSequenceClassification
+
+    if ctx.source is None:
+        raise BuildError("finetune starts from the recipe's source checkpoint; none was given")
+    world = ctx.world
+    strategy = resolve_strategy(cfg.strategy, world, cfg.batch_size, "finetune")
+    texts, labels = training_texts("finetune", cfg.dataset, cfg.samples, cfg.seed, cfg.batch_size)
+    names = sorted(set(labels))
+    if len(names) < 2:
+        raise BuildError(f"finetune: {cfg.dataset} has {len(names)} label(s) in its train split; a classifier "
+                         f"needs at least 2")
+    label_of = {name: i for i, name in enumerate(names)}
+    targets = [label_of[l] for l in labels]
+    torch.manual_seed(cfg.seed)  # the new head starts the same on every rank and every run
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        ctx.source.path, num_labels=len(names), id2label=dict(enumerate(names)), label2id=label_of,
+        attn_implementation="eager")
+    model = ClassificationModel(hf).to(world.device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    checkpoint = None
+    if ctx.checkpoint_dir is not None:
+        key = checkpoint_key(cfg.model_dump(exclude={"progress", "strategy"}), str(ctx.source.path), names)
+        checkpoint = ctx.checkpoint_dir / f"finetune-{key}.pt"
+
+    def loss_fn(forward: nn.Module, rows: list[int]) -> torch.Tensor:
+        batch = ctx.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                              max_length=cfg.max_seq_len, return_tensors="pt").to(world.device)
+        logits = forward(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return nn.functional.cross_entropy(logits, torch.tensor([targets[i] for i in rows], device=world.device))
+
+    outcome = train("finetune", cfg, model, model, len(texts), loss_fn, world, strategy, checkpoint)
+    model = model.cpu()
+    counts = {name: labels.count(name) for name in names}
+    details = {"dataset": cfg.dataset, "texts": len(texts), "labels": names, "examples_per_label": counts,
+               **outcome.summary(), "params": sum(p.numel() for p in model.parameters())}
+    return Artifact(kind="torch", precision="fp32", module=model), details

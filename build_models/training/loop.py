@@ -1,0 +1,148 @@
+"""The optimisation loop that distill and finetune share: batches, AdamW with linear warm-up,
+gradient clipping, the NaN guard, a progress bar, resumable checkpoints, and the strategy seam.
+
+Every rank walks the same global batch order (a seeded shuffle per epoch); the strategy picks this
+rank's rows of each batch and combines the gradients. Only rank 0 shows progress and writes
+checkpoints; on resume rank 0 reads the checkpoint and sends it to the others, so a multi-node run
+needs no shared disk.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from build_models.errors import BuildError
+from build_models.training.distributed import World
+
+# (module to call, this rank's row indices) -> the mean loss over those rows
+LossFn = Callable[[nn.Module, list[int]], torch.Tensor]
+
+
+@dataclass
+class TrainOutcome:
+    total_steps: int
+    resumed_at_step: int
+    losses: list[float] = field(default_factory=list)  # per step, averaged over the ranks
+    seconds: float = 0.0
+    strategy: str = "single"
+    world_size: int = 1
+    rows_per_rank: int = 0  # examples of each global batch this rank computed
+
+    def summary(self) -> dict:
+        window = max(1, min(10, len(self.losses) // 4))
+        return {"steps": self.total_steps, "resumed_at_step": self.resumed_at_step,
+                "loss_first": round(sum(self.losses[:window]) / window, 6),
+                "loss_last": round(sum(self.losses[-window:]) / window, 6),
+                "seconds": round(self.seconds, 1), "strategy": self.strategy, "world_size": self.world_size,
+                "rows_per_rank": self.rows_per_rank}
+
+
+def global_rows(step: int, n_examples: int, batch_size: int, seed: int) -> list[int]:
+    """Example indices of global batch ``step``: a fresh seeded shuffle each epoch, the tail dropped."""
+    steps_per_epoch = n_examples // batch_size
+    epoch, index = divmod(step, steps_per_epoch)
+    order = list(range(n_examples))
+    random.Random(seed + epoch).shuffle(order)
+    return order[index * batch_size:(index + 1) * batch_size]
+
+
+def after_step(step: int) -> None:
+    """Called after every optimizer step; tests replace it to interrupt a run."""
+
+
+def train(name: str, cfg, model: nn.Module, forward: nn.Module, n_examples: int, loss_fn: LossFn,
+          world: World, strategy, checkpoint: Path | None) -> TrainOutcome:
+    """Train ``model``'s parameters through ``forward`` (a module sharing them) for cfg.epochs.
+
+    ``cfg`` carries epochs, batch_size, learning_rate, warmup_ratio, checkpoint_every, seed, progress.
+    """
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    steps_per_epoch = n_examples // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise BuildError(f"{name}: {n_examples} training examples; need at least one batch of {cfg.batch_size}")
+    total = steps_per_epoch * cfg.epochs
+    torch.manual_seed(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    outcome = TrainOutcome(total_steps=total, resumed_at_step=0, strategy=strategy.name, world_size=world.size)
+
+    state = None
+    if world.is_main and checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False, map_location="cpu")  # our own file, written below
+    state = world.broadcast(state)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        outcome.resumed_at_step, outcome.losses = state["step"], list(state["losses"])
+
+    wrapped = strategy.wrap(forward)
+    began = time.perf_counter()
+    model.train()
+    bar = tqdm(total=total, initial=outcome.resumed_at_step, desc=name, unit="step",
+               disable=not (cfg.progress and world.is_main))
+    try:
+        for step in range(outcome.resumed_at_step, total):
+            rows = strategy.shard(global_rows(step, n_examples, cfg.batch_size, cfg.seed))
+            outcome.rows_per_rank = len(rows)
+            loss = loss_fn(wrapped, rows)
+            value = world.mean(float(loss.item()))  # every rank sees the same value, so all stop together
+            if value != value or value in (float("inf"), float("-inf")):
+                raise BuildError(f"{name}: the loss became {value} at step {step + 1}; lower learning_rate "
+                                 f"(now {cfg.learning_rate})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            outcome.losses.append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+            done = step + 1
+            if world.is_main and checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == total):
+                _save(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                                   "step": done, "losses": outcome.losses})
+            after_step(done)
+    finally:
+        bar.close()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    outcome.seconds = time.perf_counter() - began
+    return outcome
+
+
+def _save(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # never a half-written checkpoint
+
+
+def checkpoint_key(*parts) -> str:
+    """A short digest of everything that decides a training result (configs, layers, weights)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, nn.Module):
+            for key, tensor in sorted(part.state_dict().items()):
+                digest.update(key.encode())
+                digest.update(str(tuple(tensor.shape)).encode())
+                digest.update(str(float(tensor.float().sum())).encode())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,68 @@
+"""How a training step spreads its work over the world: one interface, one class per strategy.
+
+A strategy decides which rows of each global batch this rank computes and how the gradients of all
+ranks are combined; the loop in ``loop.py`` is the same for every strategy, so every strategy trains
+the same kind of model from the same data.
+"""
+
+from __future__ import annotations
+
+from typing import get_args
+
+from torch import nn
+
+from build_models.errors import BuildError
+from build_models.recipe import Strategy
+from build_models.training.distributed import World
+
+STRATEGIES = get_args(Strategy)
+
+
+class Single:
+    """The whole global batch in this one process."""
+
+    name = "single"
+
+    def __init__(self, world: World):
+        self.world = world
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def shard(self, rows: list[int]) -> list[int]:
+        return rows
+
+
+class DataParallel(Single):
+    """DDP: every rank computes an equal slice of the global batch; backward all-reduces (averages)
+    the gradients, so each rank applies the same update as one process with the whole batch."""
+
+    name = "ddp"
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not self.world.distributed:
+            return module  # a world of one: DDP would only add copies
+        device_ids = [self.world.local_rank] if self.world.backend == "nccl" else None
+        # DDP broadcasts rank 0's parameters and buffers here, so every rank starts identical.
+        return DistributedDataParallel(module, device_ids=device_ids)
+
+    def shard(self, rows: list[int]) -> list[int]:
+        per_rank = len(rows) // self.world.size
+        return rows[self.world.rank * per_rank:(self.world.rank + 1) * per_rank]
+
+
+def resolve_strategy(name: str, world: World, batch_size: int, step: str):
+    """The strategy object for a step, checked against the world before any training starts."""
+    if name not in STRATEGIES:
+        raise BuildError(f"{step}: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    if name == "auto":
+        name = "ddp" if world.size > 1 else "single"
+    if name == "single" and world.size > 1:
+        raise BuildError(f"{step}: strategy 'single' cannot use the {world.size} processes torchrun started; "
+                         f"launch without torchrun or use strategy 'ddp'")
+    if name == "ddp" and batch_size % world.size:
+        raise BuildError(f"{step}: batch_size {batch_size} does not split evenly over {world.size} ranks; "
+                         f"use a multiple of {world.size} so every rank computes the same share")
+    return DataParallel(world) if name == "ddp" else Single(world)
