@@ -71,15 +71,22 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def write_report(store: Path, out_dir: Path) -> Path:
-    """Markdown report plus PNG of quality retention against batch-32 throughput."""
+def family_of(m: Manifest) -> str:
+    """The recipe family a variant came from; manifests from before the field by their recipe file."""
+    if m.family:
+        return m.family
+    recipe = (m.lineage.recipe or "").split(" ")[0]
+    return Path(recipe).stem or "store"
+
+
+def plot_family(family: str, manifests: list[Manifest], path: Path) -> bool:
+    """One family's variants as quality retention against batch-32 throughput, Pareto front marked.
+    False (no file) when no variant has both numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifests = [m for m, _ in _rows(store, verify=False) if m is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     reference_tp = []
     points: list[tuple[float, float]] = []
@@ -94,30 +101,43 @@ def write_report(store: Path, out_dir: Path) -> Path:
         ax.scatter(throughput, retention, s=40)
         ax.annotate(f"{m.name} v{m.version}\n({m.format} {m.precision})", (throughput, retention),
                     textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if not points:
+        plt.close(fig)
+        return False
     front = pareto_front(points)
-    if front:
-        # The trade-offs worth having: nothing else is both faster and better.
-        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", alpha=0.6,
-                drawstyle="steps-post", label="Pareto front")
-        ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=110, facecolors="none",
-                   edgecolors="tab:red")
-        ax.legend(loc="lower left", fontsize=8)
-    if reference_tp:
-        ref = sorted(reference_tp)[len(reference_tp) // 2]
-        ax.scatter([ref], [1.0], marker="*", s=120, color="black")
-        ax.annotate("PyTorch fp32 reference", (ref, 1.0), textcoords="offset points", xytext=(5, -12), fontsize=8)
+    # The trade-offs worth having: nothing else is both faster and better.
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", alpha=0.6,
+            drawstyle="steps-post", label="Pareto front")
+    ax.scatter([points[i][0] for i in front], [points[i][1] for i in front], s=110, facecolors="none",
+               edgecolors="tab:red")
+    ax.legend(loc="lower left", fontsize=8)
+    ref = sorted(reference_tp)[len(reference_tp) // 2]
+    ax.scatter([ref], [1.0], marker="*", s=120, color="black")
+    ax.annotate("PyTorch fp32 reference", (ref, 1.0), textcoords="offset points", xytext=(5, -12), fontsize=8)
     ax.set_xlabel("throughput, sequences/s (batch 32 x 128 tokens, build machine)")
-    ax.set_ylabel("downstream retention vs fp32 reference")
-    ax.set_title("bertserve variants: quality kept vs speed")
+    ax.set_ylabel("quality retention vs fp32 reference")
+    ax.set_title(f"{family}: quality kept vs speed, every variant in the store")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    plot = out_dir / "quality_vs_throughput.png"
-    fig.savefig(plot, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
+
+
+def write_report(store: Path, out_dir: Path) -> Path:
+    """Markdown report plus one PNG per family of quality retention against batch-32 throughput."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifests = [m for m, _ in _rows(store, verify=False) if m is not None]
+    families: dict[str, list[Manifest]] = {}
+    for m in manifests:
+        families.setdefault(family_of(m), []).append(m)
+    plots = [(family, out_dir / f"{family}-variants.png") for family in sorted(families)]
+    plots = [(family, path) for family, path in plots if plot_family(family, families[family], path)]
     report = out_dir / "report.md"
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     body = ["# Model store report\n", f"Store: `{store}` · generated {now}\n",
-            f"![quality vs throughput]({plot.name})\n", markdown_table(store)]
+            *(f"## {family}\n\n![{family}: quality vs throughput]({path.name})\n" for family, path in plots),
+            "## Every variant\n", markdown_table(store)]
     fused = [(m.name, m.version, m.fused_nodes) for m in manifests if m.fused_nodes]
     if fused:
         body.append("\n## Fused ONNX Runtime nodes\n")

@@ -304,6 +304,7 @@ def _manifest_fields(recipe, recipe_path, recipe_hash, variant, source, artifact
         providers = ["cuda"] if variant.provider == "cuda" else ["cpu"]
     return {
         "name": variant.name,
+        "family": recipe.family,
         "task": recipe.task,
         "format": artifact.kind,
         "precision": artifact.precision,

@@ -96,6 +96,7 @@ class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     version: int = Field(ge=1)
+    family: str | None = None  # the recipe's family: variants of one source, compared on one chart
     task: Task
     format: Format
     precision: Precision

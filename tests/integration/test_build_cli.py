@@ -89,6 +89,7 @@ def test_list_and_report(tmp_path, tiny_embedding_dir, capsys):
     out = tmp_path / "reports"
     assert main(["report", "--store", str(store), "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    assert "t-fp32" in report and "quality_vs_throughput.png" in report
-    png = (out / "quality_vs_throughput.png").read_bytes()
+    family = yaml.safe_load(recipe.read_text())["family"]
+    assert "t-fp32" in report and f"{family}-variants.png" in report
+    png = (out / f"{family}-variants.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
