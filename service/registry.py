@@ -164,7 +164,8 @@ class Registry:
 
         return Batcher(f"{entry.name}:{entry.version}", [infer_fn_for(b) for b in entry.backends], limits,
                        s.max_queue_items, on_event=self._model_event(entry.name),
-                       solo_infer_fns=[infer_fn_for(b) for b in entry.solo_backends] or None)
+                       solo_infer_fns=[infer_fn_for(b) for b in entry.solo_backends] or None,
+                       max_queue_wait_s=s.max_queue_wait_ms / 1000)
 
     def _model_event(self, model: str):
         def forward(kind: str, data: dict) -> None:

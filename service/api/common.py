@@ -70,6 +70,7 @@ def check_ids(request: Request, sequences: Sequence[Sequence[int]], field: str =
 async def encode_texts(request: Request, entry: ModelEntry, texts: Sequence[str], truncate: bool,
                        direction: Direction = "right", field: str = "input") -> list[Encoded]:
     check_texts(request, texts, field)
+    entry.batcher.admit(len(texts))  # an overloaded model refuses before the tokenizing work
     began = time.perf_counter()
     if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
         # A tweet tokenizes in tens of microseconds: cheaper than the hop to a pool thread and back.
@@ -85,6 +86,7 @@ async def encode_texts(request: Request, entry: ModelEntry, texts: Sequence[str]
 async def encode_ids(request: Request, entry: ModelEntry, sequences: Sequence[Sequence[int]], truncate: bool,
                      direction: Direction = "right", field: str = "input") -> list[Encoded]:
     check_ids(request, sequences, field)
+    entry.batcher.admit(len(sequences))
     began = time.perf_counter()
     encoded = entry.tokenizer.encode_ids(sequences, truncate, direction, field)
     _record_tokenization(request, entry, began, encoded)

@@ -68,6 +68,7 @@ class Batcher:
         max_queue_items: int,
         on_event: EventHook | None = None,
         solo_infer_fns: list[InferFn] | None = None,
+        max_queue_wait_s: float | None = None,
     ):
         if not infer_fns:
             raise ValueError("a batcher needs at least one infer fn")
@@ -78,6 +79,10 @@ class Batcher:
         self.name = name
         self.limits = limits
         self.max_queue_items = max_queue_items
+        # Admission by time, not only by count: refuse while the queued work alone would take longer
+        # than this to reach, so an overloaded model answers 429 at once instead of 503 after the
+        # request timeout, and the queue never holds more than the workers can clear in that time.
+        self.max_queue_wait_s = max_queue_wait_s or None
         self._infer_fns = list(infer_fns)
         self._solo_infer_fns = list(solo_infer_fns) if solo_infer_fns else None
         self._on_event = on_event
@@ -185,14 +190,13 @@ class Batcher:
         with self._cond:
             if self._closing:
                 raise errors.NotReady(f"model {self.name!r} is shutting down")
-            if len(self._queue) + len(payloads) > self.max_queue_items:
+            if self._saturated(len(payloads)):
                 retry_after_s = self._retry_after_s()
             else:
                 self._queue.extend(request.items)
                 self._cond.notify()
         if retry_after_s is not None:
-            self._emit("rejected", {"reason": "overloaded", "items": len(payloads)})
-            raise errors.Overloaded(f"model {self.name!r} is overloaded; retry later", retry_after_s)
+            self._reject_overloaded(len(payloads), retry_after_s)
 
         self._pending.add(request)
         try:
@@ -204,12 +208,33 @@ class Batcher:
         finally:
             self._pending.discard(request)
 
-    def _retry_after_s(self) -> int:
-        """Whole seconds until the current queue is likely worked off; called with the lock held."""
+    def admit(self, items: int) -> None:
+        """Raise Overloaded now if ``items`` more would be refused: lets a route turn a request away
+        before it spends time tokenizing it. ``submit`` checks again under the same rule."""
+        with self._cond:
+            retry_after_s = self._retry_after_s() if self._saturated(items) else None
+        if retry_after_s is not None:
+            self._reject_overloaded(items, retry_after_s)
+
+    def _saturated(self, items: int) -> bool:
+        """No room for ``items`` more: the count limit, or the queue's wait limit; lock held."""
+        if len(self._queue) + items > self.max_queue_items:
+            return True
+        return bool(self.max_queue_wait_s and self._queue and self._queue_wait_s() > self.max_queue_wait_s)
+
+    def _reject_overloaded(self, items: int, retry_after_s: int):
+        self._emit("rejected", {"reason": "overloaded", "items": items})
+        raise errors.Overloaded(f"model {self.name!r} is overloaded; retry later", retry_after_s)
+
+    def _queue_wait_s(self) -> float:
+        """Estimated time until the queue as it stands is taken by the workers; lock held."""
         per_batch_s = self._infer_ewma_s or 0.0
         batches = math.ceil(len(self._queue) / self.limits.max_batch_size)
-        estimate = batches * per_batch_s / len(self._infer_fns) + self.limits.max_queue_delay_s
-        return max(1, math.ceil(estimate))
+        return batches * per_batch_s / len(self._infer_fns)
+
+    def _retry_after_s(self) -> int:
+        """Whole seconds until the current queue is likely worked off; called with the lock held."""
+        return max(1, math.ceil(self._queue_wait_s() + self.limits.max_queue_delay_s))
 
     def _withdraw(self, request: _Request) -> bool:
         """Mark a request's items cancelled and take those still queued out; True if any were queued."""
