@@ -65,3 +65,15 @@ def mem_total_gib() -> float | None:
     except OSError:
         pass
     return None
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of a process (VmRSS), in bytes; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

