@@ -222,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         sampler = RssSampler(server.pid, interval_s=1.0)
         sampler.start()
         loaded = asyncio.run(offered_load(host, port, requests, factor * cap, seconds, max_outstanding=512))
-        trend = rss_trend(sampler.stop())
+        samples = sampler.stop()
+        trend = rss_trend(samples)
+        # Memory over time for the report: one point every ~30 s.
+        step = max(1, len(samples) // max(1, int(seconds // 30)))
+        timeline = [[round(t - samples[0][0]), round(r / 2**20, 1)] for t, r in samples[::step]] if samples else []
         statuses: dict[str, int] = {}
         for a in loaded.answers:
             statuses[a.status] = statuses.get(a.status, 0) + 1
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             "statuses": statuses, "not_sent": loaded.not_sent,
             "p50_ms_200": _ms(loaded.latency_quantile("200", 0.5)), "p99_ms_200": _ms(loaded.latency_quantile("200", 0.99)),
             "p99_ms_429": _ms(loaded.latency_quantile("429", 0.99)),
-            "rss": trend, "server_alive": server.proc.poll() is None,
+            "rss": trend, "rss_timeline_s_mb": timeline, "server_alive": server.proc.poll() is None,
         }
     finally:
         server.stop()

@@ -78,7 +78,7 @@ def train(name: str, cfg, model: nn.Module, forward: nn.Module, n_examples: int,
 
     state = None
     if world.is_main and checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False, map_location="cpu")  # our own file, written below
+        state = torch.load(checkpoint, weights_only=True, map_location="cpu")  # tensors and plain data only
     state = world.broadcast(state)
     if state is not None:
         model.load_state_dict(state["model"])

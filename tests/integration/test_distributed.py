@@ -53,7 +53,7 @@ def run_build(args: list[str], launcher: list[str], timeout: int = 300) -> subpr
 
 def final_student(store: Path) -> dict[str, torch.Tensor]:
     (checkpoint,) = (store / ".checkpoints").glob("distill-*.pt")
-    return torch.load(checkpoint, weights_only=False)["model"]
+    return torch.load(checkpoint, weights_only=True)["model"]
 
 
 def test_two_ranks_train_the_same_student_as_one_process(dropout_free_source, tmp_path):
@@ -70,7 +70,7 @@ def test_two_ranks_train_the_same_student_as_one_process(dropout_free_source, tm
         # Same global batch, gradients averaged over the two halves: the same updates up to float
         # summation order (12 AdamW steps).
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=2e-5, msg=name)
-    first = torch.load(next((tmp_path / "one" / ".checkpoints").glob("*.pt")), weights_only=False)
+    first = torch.load(next((tmp_path / "one" / ".checkpoints").glob("*.pt")), weights_only=True)
     assert first["step"] == 12
 
     versions = sorted(p.name for p in (tmp_path / "two" / "student").iterdir() if not p.name.startswith("."))
