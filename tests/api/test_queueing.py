@@ -87,20 +87,30 @@ def test_backend_failure_fails_only_its_batch_and_hides_internals(tmp_path):
 
 def test_disconnected_client_items_are_dropped_before_inference(tmp_path):
     settings = ServiceSettings(model_store=tmp_path, max_batch_size=1, max_queue_delay_ms=0)
-    backend = FakeBackend(dim=8, delay_s=0.6)
+    backend = FakeBackend(dim=8, delay_s=2.0)
     registry = make_registry(tmp_path, settings, {"minilm": backend})
+    batcher = registry.entries[("minilm", 1)].batcher
+
+    def wait_until(condition, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting until {what}"
+            time.sleep(0.01)
+
     with LiveServer(create_app(settings, registry=registry)) as live:
         port = live.port
-        # First request occupies the only worker for 0.6 s.
+        # The first request occupies the only worker for 2 s.
         blocker = threading.Thread(target=lambda: httpx.post(f"http://127.0.0.1:{port}/v1/embeddings",
                                                              json={"input": "blocker"}, timeout=10))
         blocker.start()
-        time.sleep(0.15)
+        wait_until(lambda: len(backend.batches) == 1, "the blocker is in inference")
         body = b'{"input": "vanished"}'
         with socket.create_connection(("127.0.0.1", port)) as raw:
             raw.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            time.sleep(0.15)  # queued behind the blocker, then the client goes away
+            wait_until(lambda: batcher.queue_depth == 1, "the request is queued behind the blocker")
+        # The client went away while its item waited: the item leaves the queue before inference.
+        wait_until(lambda: batcher.queue_depth == 0, "the vanished client's item is dropped")
         blocker.join(timeout=10)
         after = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "after"}, timeout=10)
         assert after.status_code == 200
