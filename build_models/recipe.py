@@ -130,6 +130,9 @@ class FinetuneConfig(TrainingConfig):
     step: Literal["finetune"] = "finetune"
     samples: int | None = Field(None, ge=2)  # None = the whole train split
     epochs: int = Field(2, ge=1)
+    # The new head (pooler + classifier) starts random: a higher rate lets it catch up with the
+    # pre-trained encoder in a short run. None = learning_rate.
+    head_learning_rate: float | None = Field(None, gt=0)
 
 
 class DistillConfig(TrainingConfig):

@@ -53,7 +53,9 @@ def run(cfg: FinetuneConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact
         logits = forward(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         return nn.functional.cross_entropy(logits, torch.tensor([targets[i] for i in rows], device=world.device))
 
-    outcome = train("finetune", cfg, model, model, len(texts), loss_fn, world, strategy, checkpoint)
+    head = [p for n, p in hf.named_parameters() if n.startswith(("classifier.", "bert.pooler.", "pooler."))]
+    outcome = train("finetune", cfg, model, model, len(texts), loss_fn, world, strategy, checkpoint,
+                    fast_params=head, fast_learning_rate=cfg.head_learning_rate)
     model = model.cpu()
     counts = {name: labels.count(name) for name in names}
     details = {"dataset": cfg.dataset, "texts": len(texts), "labels": names, "examples_per_label": counts,

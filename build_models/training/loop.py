@@ -58,10 +58,12 @@ def after_step(step: int) -> None:
 
 
 def train(name: str, cfg, model: nn.Module, forward: nn.Module, n_examples: int, loss_fn: LossFn,
-          world: World, strategy, checkpoint: Path | None) -> TrainOutcome:
+          world: World, strategy, checkpoint: Path | None, fast_params: list[nn.Parameter] | None = None,
+          fast_learning_rate: float | None = None) -> TrainOutcome:
     """Train ``model``'s parameters through ``forward`` (a module sharing them) for cfg.epochs.
 
     ``cfg`` carries epochs, batch_size, learning_rate, warmup_ratio, checkpoint_every, seed, progress.
+    ``fast_params`` (a new head, say) train at ``fast_learning_rate`` instead.
     """
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -72,7 +74,11 @@ def train(name: str, cfg, model: nn.Module, forward: nn.Module, n_examples: int,
     total = steps_per_epoch * cfg.epochs
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)
+    fast = {id(p) for p in fast_params or []} if fast_learning_rate else set()
+    groups = [{"params": [p for p in params if id(p) not in fast], "lr": cfg.learning_rate}]
+    if fast:
+        groups.append({"params": [p for p in params if id(p) in fast], "lr": fast_learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     outcome = TrainOutcome(total_steps=total, resumed_at_step=0, strategy=strategy.name, world_size=world.size)
 
