@@ -4,10 +4,11 @@ The encodings are the server's own (service/embedding_types.py), so the build me
 vectors a client would store. Retrieval: every test-split text is a query over a corpus of the test
 and train probe texts (the query itself left out); the ground truth is the top k by cosine of the
 fp32 reference's float vectors. Each type ranks as a vector database storing it would: float32 by
-cosine, int8/uint8 by the dot product of the integer codes, binary by Hamming distance; "rescored"
-takes the top ``rescore_candidates`` by Hamming and reorders them by the cosine of the variant's
-float vectors (query and documents, the documents' floats fetched for the candidates only). Ties
-(frequent with Hamming distances) go to the lower corpus index.
+cosine, int8/uint8 by the dot product of the integer codes, binary by Hamming distance. "Rescored"
+takes the top ``rescore_candidates`` by a type's own similarity and reorders them by the cosine of
+the variant's float vectors (query and documents, the documents' floats fetched for the candidates
+only), as a database keeping low-bit vectors in memory and floats on disk does. Ties (frequent with
+Hamming distances) go to the lower corpus index.
 """
 
 from __future__ import annotations
@@ -92,35 +93,31 @@ def embedding_type_table(test: np.ndarray, train: np.ndarray, ref_test: np.ndarr
     def retention(acc):
         return None if acc is None or not reference_accuracy else acc / reference_accuracy
 
-    rows = [{"type": "float32", "bytes_per_vector": 4 * dim, "probe_accuracy": float_accuracy,
-             "probe_retention": retention(float_accuracy),
-             "recall_at_k": recall(top_k(_unit(test) @ _unit(corpus).T, k), truth)}]
+    def row(kind: str, size: int, acc: float | None, scores: np.ndarray, rescore: bool = True) -> dict:
+        again = recall(rescored(top_k(scores, rescore_candidates), test, corpus, k), truth) if rescore else None
+        return {"type": kind, "bytes_per_vector": size, "probe_accuracy": acc, "probe_retention": retention(acc),
+                "recall_at_k": recall(top_k(scores, k), truth), "recall_at_k_rescored": again}
+
+    rows = [row("float32", 4 * dim, float_accuracy, _unit(test) @ _unit(corpus).T, rescore=False)]
     for kind, encode in (("int8", to_int8), ("uint8", to_uint8)):
         q, d = encode(test, lo, hi), encode(corpus, lo, hi)
         acc = probe(encode(train, lo, hi) / 128.0, train_labels, q / 128.0, test_labels)
-        rows.append({"type": kind, "bytes_per_vector": dim, "probe_accuracy": acc, "probe_retention": retention(acc),
-                     "recall_at_k": recall(top_k(q.astype(np.int64) @ d.astype(np.int64).T, k), truth)})
-    q_bits, d_bits = to_ubinary(test), to_ubinary(corpus)
+        rows.append(row(kind, dim, acc, q.astype(np.int64) @ d.astype(np.int64).T))
     acc = probe(np.where(train > 0, 1.0, -1.0), train_labels, np.where(test > 0, 1.0, -1.0), test_labels)
-    by_hamming = -hamming(q_bits, d_bits)
-    rows.append({"type": "binary", "bytes_per_vector": packed_width(dim), "probe_accuracy": acc,
-                 "probe_retention": retention(acc), "recall_at_k": recall(top_k(by_hamming, k), truth),
-                 "recall_at_k_rescored": recall(rescored(top_k(by_hamming, rescore_candidates), test, corpus, k),
-                                                truth)})
+    rows.append(row("binary", packed_width(dim), acc, -hamming(to_ubinary(test), to_ubinary(corpus))))
     return {"k": k, "rescore_candidates": rescore_candidates, "queries": int(test.shape[0]),
             "corpus": int(corpus.shape[0]), "similarity": SIMILARITY, "rows": rows,
             "note": f"ground truth: top {k} by cosine of the fp32 reference's float vectors; "
-                    f"rescored: top {rescore_candidates} by Hamming, reordered by float cosine"}
+                    f"rescored: a type's own top {rescore_candidates}, reordered by float cosine"}
 
 
 def format_table(table: dict) -> list[str]:
     """Lines for the build log."""
-    k = table["k"]
-    lines = [f"  type     bytes  probe retention  recall@{k}  rescored"]
-    for row in table["rows"]:
-        def num(value):
-            return "     -" if value is None else f"{value:6.4f}"
+    def num(value):
+        return "     -" if value is None else f"{value:6.4f}"
 
+    lines = [f"  type     bytes  probe retention  recall@{table['k']}  rescored"]
+    for row in table["rows"]:
         lines.append(f"  {row['type']:<7} {row['bytes_per_vector']:>6}  {num(row['probe_retention']):>15}  "
                      f"{num(row['recall_at_k']):>9}  {num(row.get('recall_at_k_rescored')):>8}")
     return lines

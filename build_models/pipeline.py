@@ -313,8 +313,8 @@ def _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log
     if quality.embedding_types is not None:
         from build_models.lowbit import format_table
 
-        log(f"[{variant.name}] embedding types vs fp32 float (ubinary = binary; rescored: top "
-            f"{quality.embedding_types['rescore_candidates']} by Hamming, reordered by float):")
+        log(f"[{variant.name}] embedding types vs fp32 float (ubinary = binary; rescored: the type's own top "
+            f"{quality.embedding_types['rescore_candidates']}, reordered by float):")
         for line in format_table(quality.embedding_types):
             log(f"[{variant.name}] {line}")
 

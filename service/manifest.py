@@ -100,7 +100,8 @@ class EmbeddingTypeCost(_Strict):
     probe_accuracy: float | None
     probe_retention: float | None  # probe_accuracy / the reference's float probe accuracy
     recall_at_k: float | None  # overlap of the top k with the reference's float top k
-    recall_at_k_rescored: float | None = None  # binary: top `rescore_candidates` by Hamming, rescored by float
+    # The type's own top `rescore_candidates` reordered by float cosine (floats fetched for those only).
+    recall_at_k_rescored: float | None = None
 
 
 class EmbeddingTypesQuality(_Strict):
