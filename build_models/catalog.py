@@ -80,7 +80,7 @@ def embedding_types_markdown(manifests: list[Manifest]) -> str:
     head = ("\n## Embedding types\n\nWhat `embedding_type` costs, against the fp32 reference's float vectors: "
             "the R8 probe trained on each type's vectors, and recall@10 of the test texts over the probe texts "
             "(int8/uint8 ranked by integer dot product, binary by Hamming distance; ubinary is the same bits as "
-            "binary); rescored: each type's own top candidates reordered by the float vectors.\n")
+            "binary); rescored: each type's own top candidates reordered by the float vectors.\n\n")
     return head + "\n".join(parts)
 
 
