@@ -61,6 +61,29 @@ def markdown_table(store: Path) -> str:
     return head + "\n".join("| " + " | ".join(r.get(c, "") for c in COLUMNS) + " |" for r in rows) + "\n"
 
 
+def embedding_types_markdown(manifests: list[Manifest]) -> str:
+    """Per embedding variant: what float32, int8, uint8 and binary vectors cost against the fp32 reference."""
+    parts = []
+    for m in manifests:
+        table = m.quality.embedding_types if m.quality else None
+        if table is None:
+            continue
+        k = table.k
+        lines = [f"### {m.name} v{m.version} ({m.format} {m.precision})\n",
+                 f"| type | bytes / vector | R8 probe acc. | probe retention | recall@{k} | "
+                 f"recall@{k}, top {table.rescore_candidates} rescored by float |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r.type} | {r.bytes_per_vector} | {_num(r.probe_accuracy)} | {_num(r.probe_retention)} | "
+                  f"{_num(r.recall_at_k)} | {_num(r.recall_at_k_rescored)} |" for r in table.rows]
+        parts.append("\n".join(lines) + "\n")
+    if not parts:
+        return ""
+    head = ("\n## Embedding types\n\nWhat `embedding_type` costs, against the fp32 reference's float vectors: "
+            "the R8 probe trained on each type's vectors, and recall@10 of the test texts over the probe texts "
+            "(int8/uint8 ranked by integer dot product, binary by Hamming distance; ubinary is the same bits as "
+            "binary); rescored: each type's own top candidates reordered by the float vectors.\n\n")
+    return head + "\n".join(parts)
+
+
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both axes (higher is better on both), by x."""
     front = []
@@ -142,5 +165,6 @@ def write_report(store: Path, out_dir: Path) -> Path:
     if fused:
         body.append("\n## Fused ONNX Runtime nodes\n")
         body += [f"- {n} v{v}: " + ", ".join(f"{k} {c}" for k, c in f.items()) for n, v, f in fused]
+    body.append(embedding_types_markdown(manifests))
     report.write_text("\n".join(body) + "\n")
     return report

@@ -2,7 +2,9 @@
 
 Embedding task: per-sentence cosine to the reference (mean, min) and a downstream probe: a logistic
 regression trained on the train split embedded by the variant itself, scored on the test split,
-reported as retention = variant accuracy / reference accuracy. Classification task: accuracy and
+reported as retention = variant accuracy / reference accuracy; per-dimension ranges of the variant's
+own train-split outputs (the manifest's calibration for int8/uint8 embeddings) and what float32, int8,
+uint8 and binary vectors cost in probe retention and recall@10 (build_models/lowbit.py). Classification task: accuracy and
 macro-F1 against the corpus labels (when they are the model's labels) and agreement with the
 reference's predictions. Plus a latency probe, reference and variant timed alternately in one run.
 Only the test split is used for scores; calibration and distillation use the train split.
@@ -122,6 +124,8 @@ class QualityResult:
     reference_value: float | None
     retention: float | None
     extra: dict[str, float | None] = field(default_factory=dict)
+    ranges: dict | None = None  # embedding: manifest embedding_ranges, from the train split
+    embedding_types: dict | None = None  # embedding: manifest quality.embedding_types
 
 
 class Evaluator:
@@ -180,12 +184,22 @@ class Evaluator:
         if self.task == "embedding":
             cos = _cosines(outputs["test"], self.ref["test"])
             result.extra.update(mean_cosine=float(cos.mean()), min_cosine=float(cos.min()))
+            self._embedding_types(outputs, result)
         else:
             agree = (outputs["test"].argmax(axis=1) == self.ref["test"].argmax(axis=1)).mean()
             result.extra["agreement"] = float(agree)
             if "macro_f1" in result.extra:
                 result.extra["reference_macro_f1"] = self.ref_quality.extra.get("macro_f1")
         return result
+
+    def _embedding_types(self, outputs: dict[str, np.ndarray], result: QualityResult) -> None:
+        from build_models.lowbit import calibration_ranges, embedding_type_table
+
+        # The probe's train sample doubles as calibration text: encoded once, and never the test split.
+        result.ranges = calibration_ranges(outputs["train"], self.cfg.dataset, self.cfg.eval_max_seq_len)
+        result.embedding_types = embedding_type_table(
+            outputs["test"], outputs["train"], self.ref["test"], self.ref["train"], result.ranges,
+            self.train.labels, self.test.labels, self.ref_quality.value, result.value, _probe_accuracy)
 
     # ------------------------------------------------------------ latency
 

@@ -357,7 +357,10 @@ def _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log
         "reference_value": quality.reference_value, "retention": quality.retention, "extra": quality.extra,
         "gates": [{"metric": m, "value": v, "limit": lim, "passed": ok} for m, v, lim, ok in gates],
         "measured_on": getattr(run, "provider", "cpu (PyTorch)"),
+        "embedding_types": quality.embedding_types,
     }
+    if quality.ranges is not None:
+        fields["embedding_ranges"] = quality.ranges
     for metric, value, limit, ok in gates:
         if not ok:
             shown = "not measured" if value is None else f"{value:.4f}"
@@ -369,6 +372,13 @@ def _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log
     speed = f"{b32['speedup']}x vs eager" + (f", {b32['speedup_vs_sdpa']}x vs sdpa" if "speedup_vs_sdpa" in b32 else "")
     log(f"[{variant.name}] retention={retention} {summary} speedup(b32x128)={speed} "
         f"({time.perf_counter() - t:.0f}s)" + (f"  FAILED: {'; '.join(outcome.gate_failures)}" if outcome.gate_failures else ""))
+    if quality.embedding_types is not None:
+        from build_models.lowbit import format_table
+
+        log(f"[{variant.name}] embedding types vs fp32 float (ubinary = binary; rescored: the type's own top "
+            f"{quality.embedding_types['rescore_candidates']}, reordered by float):")
+        for line in format_table(quality.embedding_types):
+            log(f"[{variant.name}] {line}")
 
 
 def _stage_files(staging: Path, artifact: Artifact, tokenizer) -> None:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -68,6 +68,52 @@ class QualityGateResult(_Strict):
     passed: bool
 
 
+class EmbeddingRanges(_Strict):
+    """Per-dimension min and max of an embedding variant's own outputs on calibration text.
+
+    The server maps each dimension's range onto 256 buckets for ``int8``/``uint8`` embeddings
+    (service/embedding_types.py). Measured on the train split, never on text the build scores on.
+    """
+
+    min: list[float]
+    max: list[float]
+    samples: int = Field(ge=1)  # texts the ranges were measured on
+    dataset: str
+    split: Literal["train"] = "train"
+    max_seq_len: int | None = Field(None, ge=1)  # tokens per calibration text
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "EmbeddingRanges":
+        if len(self.min) != len(self.max):
+            raise ValueError(f"min has {len(self.min)} values and max {len(self.max)}")
+        bad = next((i for i, (lo, hi) in enumerate(zip(self.min, self.max)) if not lo <= hi), None)
+        if bad is not None:
+            raise ValueError(f"dimension {bad}: min {self.min[bad]} is above max {self.max[bad]}")
+        return self
+
+
+class EmbeddingTypeCost(_Strict):
+    """What serving one embedding type costs against the fp32 reference's float vectors."""
+
+    type: Literal["float32", "int8", "uint8", "binary"]  # ubinary: the same bits as binary
+    bytes_per_vector: int
+    probe_accuracy: float | None
+    probe_retention: float | None  # probe_accuracy / the reference's float probe accuracy
+    recall_at_k: float | None  # overlap of the top k with the reference's float top k
+    # The type's own top `rescore_candidates` reordered by float cosine (floats fetched for those only).
+    recall_at_k_rescored: float | None = None
+
+
+class EmbeddingTypesQuality(_Strict):
+    k: int
+    rescore_candidates: int
+    queries: int
+    corpus: int
+    similarity: dict[str, str]  # type -> how retrieval scores it (cosine, integer dot product, Hamming)
+    rows: list[EmbeddingTypeCost]
+    note: str | None = None
+
+
 class Quality(_Strict):
     """Quality of the variant measured against the fp32 PyTorch reference of the same source."""
 
@@ -79,6 +125,8 @@ class Quality(_Strict):
     # Task-specific extras: mean/min cosine for embeddings, macro-F1 and agreement for classifiers.
     extra: dict[str, float | None] = Field(default_factory=dict)
     gates: list[QualityGateResult] = Field(default_factory=list)
+    # Embedding variants: probe retention and retrieval recall of float32, int8, uint8 and binary vectors.
+    embedding_types: EmbeddingTypesQuality | None = None
     measured_on: str = "CPUExecutionProvider"
     note: str | None = None
 
@@ -110,12 +158,24 @@ class Manifest(_Strict):
     pooling: Pooling | None = None
     normalize: bool = False
     labels: list[str] | None = None
+    # Calibration for int8/uint8 embeddings; absent in manifests built before it existed.
+    embedding_ranges: EmbeddingRanges | None = None
     files: dict[str, FileEntry]
     lineage: Lineage
     quality: Quality | None = None
     latency: LatencyProbe | None = None
     fused_nodes: dict[str, int] = Field(default_factory=dict)
     created_at: str
+
+    @model_validator(mode="after")
+    def _ranges_fit(self) -> "Manifest":
+        if self.embedding_ranges is not None:
+            if self.task != "embedding":
+                raise ValueError("embedding_ranges only apply to embedding models")
+            if len(self.embedding_ranges.min) != self.embedding_dim:
+                raise ValueError(f"embedding_ranges cover {len(self.embedding_ranges.min)} dimensions, "
+                                 f"embedding_dim is {self.embedding_dim}")
+        return self
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"

@@ -11,7 +11,8 @@ from service.api.common import encode_ids, encode_texts, model_entry, run, state
 from service.api.errors import ERROR_RESPONSES
 from service.api.responses import FastJSONResponse
 from service.errors import InvalidInput
-from service.outputs import encode_base64, truncate_dimensions
+from service.embedding_types import EmbeddingType
+from service.outputs import check_embedding_type, encode_base64, quantize_rows, truncate_dimensions
 
 router = APIRouter(tags=["OpenAI"], responses=ERROR_RESPONSES)
 
@@ -24,15 +25,28 @@ class EmbeddingRequest(BaseModel):
 
     input: EmbeddingInput = Field(description="a text, a list of texts, a list of token ids, or a list of lists of token ids")
     model: str | None = Field(None, description="model name; the server's default model when omitted")
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, description="truncate to this many dimensions and renormalize")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: a JSON list of numbers; base64: the vector's raw bytes, little-endian float32 "
+                             "for `embedding_type` float, one byte per value (or per 8 bits) otherwise")
+    dimensions: int | None = Field(
+        None, ge=1, description="keep the first N dimensions; renormalized for `embedding_type` float, taken as "
+                                "they are before an integer or binary encoding (see `embedding_type`)")
+    embedding_type: EmbeddingType = Field(
+        "float", description="bertserve extension, for vector databases that store low-bit vectors (the semantics "
+                             "of sentence-transformers' quantize_embeddings): int8 / uint8, one integer per dimension "
+                             "from per-dimension ranges calibrated at build time (a model built without them "
+                             "answers 422); binary (int8) / ubinary (uint8), 1 bit per dimension (x > 0), packed 8 "
+                             "to a byte, the last byte zero-padded when the dimensions are not a multiple of 8. With "
+                             "`dimensions`, the first N values are encoded without renormalizing: int8/uint8 of N "
+                             "dimensions are the first N values of the full vector's")
     user: str | None = None
 
 
 class EmbeddingItem(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
+    embedding: list[float] | list[int] | str = Field(
+        description="list of floats, list of ints (int8/uint8/binary/ubinary), or base64 of the raw bytes")
 
 
 class Usage(BaseModel):
@@ -64,6 +78,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
     entry = model_entry(request, body.model)
     if entry.manifest.task != "embedding":
         raise InvalidInput(f"model {entry.name!r} is a {entry.manifest.task} model; use /predict")
+    check_embedding_type(entry.manifest, body.embedding_type)  # before any inference is spent
     value = body.input
     if isinstance(value, str):
         encoded = await encode_texts(request, entry, [value], truncate=False)
@@ -75,7 +90,13 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
         encoded = await encode_texts(request, entry, value, truncate=False)
     else:
         raise InvalidInput("input must be a string, a list of strings, a list of token ids or a list of lists of token ids")
-    rows = truncate_dimensions(await run(request, entry, encoded), body.dimensions, renormalize=True)
+    rows = await run(request, entry, encoded)
+    if body.embedding_type == "float":
+        rows = truncate_dimensions(rows, body.dimensions, renormalize=True)
+    else:
+        # The calibration ranges describe the model's own values: a renormalized prefix would fall outside them.
+        rows = quantize_rows(truncate_dimensions(rows, body.dimensions, renormalize=False), body.embedding_type,
+                             entry.manifest)
     tokens = sum(len(e) for e in encoded)
     as_b64 = body.encoding_format == "base64"
     data = [{"object": "embedding", "index": i, "embedding": encode_base64(r) if as_b64 else r}

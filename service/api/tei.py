@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.api.common import check_texts, encode_texts, model_entry, run, state
 from service.api.errors import ERROR_RESPONSES
 from service.errors import InvalidInput, ModelNotFound, NotReady
-from service.outputs import l2_normalize, softmax
+from service.embedding_types import EmbeddingType
+from service.outputs import check_embedding_type, l2_normalize, quantize_rows, softmax, supported_embedding_types
 
 router = APIRouter(tags=["text-embeddings-inference"], responses=ERROR_RESPONSES)
 
@@ -29,6 +30,12 @@ class EmbedRequest(_TeiRequest):
     truncate: bool = False
     truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
     prompt_name: str | None = None
+    embedding_type: EmbeddingType = Field(
+        "float", description="bertserve extension (not in TEI): int8 / uint8 (per-dimension ranges calibrated at "
+                             "build time; 422 for a model built without them), binary (int8) / ubinary (uint8), 1 "
+                             "bit per dimension packed 8 to a byte; sentence-transformers' quantize_embeddings "
+                             "semantics. Integer and binary types encode the model's own output: `normalize` "
+                             "does not apply to them (binary keeps only signs, which normalizing cannot change)")
 
 
 class PredictRequest(_TeiRequest):
@@ -60,16 +67,19 @@ def _texts(inputs) -> list[str]:
     return [inputs] if isinstance(inputs, str) else list(inputs)
 
 
-@router.post("/embed", response_model=list[list[float]])
+@router.post("/embed", response_model=Union[list[list[float]], list[list[int]]])
 async def embed(body: EmbedRequest, request: Request):
     entry = model_entry(request, body.model)
     if entry.manifest.task != "embedding":
         raise InvalidInput(f"model {entry.name!r} is a {entry.manifest.task} model; use /predict")
     if body.prompt_name is not None:
         raise InvalidInput("prompt_name is not supported: this model has no prompts")
+    check_embedding_type(entry.manifest, body.embedding_type)
     encoded = await encode_texts(request, entry, _texts(body.inputs), body.truncate,
                                  body.truncation_direction.lower(), "inputs")
     rows = await run(request, entry, encoded)
+    if body.embedding_type != "float":
+        return FastJSONResponse(quantize_rows(rows, body.embedding_type, entry.manifest))
     # Models whose graph normalizes (sentence-transformers Normalize) return unit vectors either way.
     if body.normalize and not entry.manifest.normalize:
         rows = l2_normalize(rows)
@@ -118,6 +128,7 @@ async def info(request: Request, model: str | None = None) -> dict:
         "max_client_batch_size": s.max_inputs_per_request, "max_batch_requests": s.max_batch_size,
         "max_concurrent_requests": s.max_queue_items, "tokenization_workers": s.tokenizer_threads,
         "version": state(request).version, "embedding_dim": m.embedding_dim, "normalize": m.normalize,
+        "embedding_types": supported_embedding_types(m),  # our extension: what /embed's embedding_type takes
     }
 
 

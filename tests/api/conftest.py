@@ -27,7 +27,14 @@ def tokenizer_dir(root: Path) -> Path:
     return dst
 
 
-def fake_manifest(name: str, task: str, dim: int, max_seq_len: int) -> Manifest:
+def fake_ranges(dim: int) -> dict:
+    """Calibration ranges for a fake embedding model: uneven per dimension, and narrower than the fake
+    backend's unit vectors, so a test sees both buckets inside the range and values that saturate."""
+    return {"min": [-0.5 + 0.04 * i for i in range(dim)], "max": [0.3 + 0.05 * i for i in range(dim)],
+            "samples": 100, "dataset": "fake", "split": "train"}
+
+
+def fake_manifest(name: str, task: str, dim: int, max_seq_len: int, ranges: bool = True) -> Manifest:
     out = {"name": "sentence_embedding" if task == "embedding" else "logits", "dtype": "float32",
            "shape": ["batch", dim]}
     return Manifest(
@@ -38,19 +45,21 @@ def fake_manifest(name: str, task: str, dim: int, max_seq_len: int) -> Manifest:
         outputs=[out], embedding_dim=dim if task == "embedding" else None,
         pooling="mean" if task == "embedding" else None, normalize=task == "embedding",
         labels=LABELS if task == "classification" else None,
+        embedding_ranges=fake_ranges(dim) if ranges and task == "embedding" else None,
         files={"model.onnx": {"sha256": "0" * 64, "size_bytes": 1}},
         lineage={"source": {"path": "fake"}}, created_at="2026-11-25T00:00:00+00:00",
     )
 
 
 def make_registry(tmp_path: Path, settings: ServiceSettings, backends: dict[str, FakeBackend] | None = None,
-                  max_seq_len: int = 32) -> Registry:
+                  max_seq_len: int = 32, without_ranges: frozenset[str] = frozenset()) -> Registry:
     registry = Registry(settings)
     tok_dir = tokenizer_dir(tmp_path)
     backends = backends or {"minilm": FakeBackend(dim=8), "clf": FakeBackend(task="classification", num_labels=3)}
     for name, backend in backends.items():
         task = backend.task
-        manifest = fake_manifest(name, task, backend.dim if task == "embedding" else backend.num_labels, max_seq_len)
+        manifest = fake_manifest(name, task, backend.dim if task == "embedding" else backend.num_labels, max_seq_len,
+                                 ranges=name not in without_ranges)
         entry = ModelEntry(name=name, version=1, path=tmp_path, status="ready", manifest=manifest,
                            tokenizer=TextTokenizer(tok_dir, max_seq_len), backends=[backend])
         entry.batcher = registry._make_batcher(entry)

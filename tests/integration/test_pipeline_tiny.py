@@ -127,6 +127,15 @@ def test_manifests_record_how_and_what(embedding_store):
     assert any(o.domain in ("", "ai.onnx") and o.version >= 17 for o in opset)
 
 
+@pytest.mark.parametrize("name", [v["name"] for v in EMBEDDING_VARIANTS])
+def test_every_embedding_variant_records_ranges_and_the_cost_of_each_type(embedding_store, name):
+    manifest = load_verified(embedding_store / name / "1")
+    assert manifest.embedding_ranges.split == "train" and len(manifest.embedding_ranges.max) == 32
+    table = manifest.quality.embedding_types
+    assert [r.type for r in table.rows] == ["float32", "int8", "uint8", "binary"]
+    assert all(0 <= r.recall_at_k <= 1 for r in table.rows)
+
+
 def test_onnx_axes_are_dynamic(embedding_store):
     graph = onnx.load(str(embedding_store / "e-onnx/1/model.onnx")).graph
     for value in graph.input:
@@ -168,3 +177,4 @@ def test_classification_variants(tmp_path, tiny_classifier_dir, mixed_batch):
         quality = manifest.quality
         assert quality.metric == "accuracy" and quality.value is not None
         assert {"macro_f1", "agreement"} <= set(quality.extra)
+        assert manifest.embedding_ranges is None and quality.embedding_types is None

