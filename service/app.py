@@ -15,7 +15,7 @@ from service.api.responses import FastJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api import openai, ops, tei
+from service.api import openai, ops, repository, tei
 from service.api.common import EntryLeases
 from service.api.errors import REQUEST_ID_HEADER, install_error_handlers
 from service.auth import AccessControl
@@ -143,6 +143,7 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
         app.include_router(kserve.router)
     except ImportError:  # pragma: no cover - while the KServe routes are being written
         pass
+    app.include_router(repository.router)
     app.add_middleware(EntryLeases)  # innermost: a request's model leases end after its answer
     app.add_middleware(AccessControl, settings=settings)  # inside the guard: refusals carry a request id
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)

@@ -89,6 +89,11 @@ class ServiceSettings(BaseSettings):
         return self
 
     @property
+    def admin_secret(self) -> str:
+        """The admin key, or "" when the model repository routes are disabled."""
+        return self.admin_key.get_secret_value().strip()
+
+    @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
 
