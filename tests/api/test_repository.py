@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -25,7 +26,7 @@ from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer
 from tests.api.conftest import fake_manifest, tokenizer_dir
 from tests.api.test_metrics import scrape, value
-from tests.conftest import LiveServer
+from tests.conftest import ClientLoad, LiveServer
 
 ADMIN_KEY = "admin-key"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -52,8 +53,8 @@ def publish(store: Path, name: str, version: int, corrupt: bool = False) -> Path
     return store / name / str(version)
 
 
-def fake_loader(path: Path, manifest, settings) -> FakeBackend:
-    return FakeBackend(dim=8, salt=manifest.version)
+def fake_loader(path: Path, manifest, settings, delay_s: float = 0.0) -> FakeBackend:
+    return FakeBackend(dim=8, salt=manifest.version, delay_s=delay_s)
 
 
 @functools.cache
@@ -66,9 +67,11 @@ def answer_of(version: int, text: str = TEXT) -> np.ndarray:
     return FakeBackend(dim=8, salt=version).row(_tokenizer().encode_texts([text], False)[0].ids)
 
 
-def make_app(store: Path, **overrides):
+def make_app(store: Path, delay_s: float = 0.0, **overrides):
+    """The app over ``store``, whose versions load as fake backends taking ``delay_s`` per batch."""
     settings = ServiceSettings(model_store=store, default_model="m", access_log=False, **overrides)
-    return create_app(settings, registry=Registry(settings, backend_loader=fake_loader))
+    loader = functools.partial(fake_loader, delay_s=delay_s)
+    return create_app(settings, registry=Registry(settings, backend_loader=loader))
 
 
 def infer(client, model: str = "m", version: int | None = None):
@@ -354,6 +357,48 @@ def test_a_request_that_resolved_a_version_is_answered_while_it_drains(store):
         reloader.close()
 
     asyncio.run(scenario())
+
+
+# Under load, one text per request and per batch, 20 ms a batch, one worker: with 6 clients about 5
+# requests wait in the queue at any moment, and a version retired without draining would fail them.
+SLOW = dict(delay_s=0.02, max_batch_size=1, instances_per_model=1, admin_key=ADMIN_KEY)
+
+
+def test_switching_versions_under_load_fails_no_request(store):
+    with LiveServer(make_app(store, **SLOW)) as live, ClientLoad(live.url, "m", [TEXT], clients=6) as load:
+        load.wait_for(lambda o: o.version == "1", 10)
+        time.sleep(0.5)
+        publish(store, "m", 2)
+        asked = time.monotonic()
+        assert httpx.post(f"{live.url}/v2/repository/models/m/load", headers=AUTH, timeout=30).status_code == 200
+        loaded = time.monotonic()
+        time.sleep(0.5)
+    outcomes = load.outcomes
+    assert all(o.status == 200 for o in outcomes), load.summary()
+    for o in outcomes:
+        np.testing.assert_allclose(o.vector[0], answer_of(int(o.version)), rtol=1e-6)
+    # v1 drained its queue while the load ran; once it answered, everything is v2's.
+    assert any(o.version == "1" and asked < o.done for o in outcomes), load.summary()
+    late = [o for o in outcomes if o.sent > loaded]
+    assert late and all(o.version == "2" for o in late), load.summary()
+
+
+def test_unloading_under_load_answers_every_accepted_request(store):
+    with LiveServer(make_app(store, **SLOW)) as live, ClientLoad(live.url, "m", [TEXT], clients=6) as load:
+        load.wait_for(lambda o: o.version == "1", 10)
+        time.sleep(0.5)
+        asked = time.monotonic()
+        assert httpx.post(f"{live.url}/v2/repository/models/m/unload", headers=AUTH, timeout=30).status_code == 200
+        unloaded = time.monotonic()
+        time.sleep(0.3)
+    outcomes = load.outcomes
+    assert all(o.status == 200 or (o.status == 404 and o.error_type == "model_not_found") for o in outcomes), \
+        load.summary()
+    # The queue at the unload was worked off (200s answered after it began), not failed.
+    assert sum(1 for o in outcomes if o.status == 200 and o.done > asked) >= 2, load.summary()
+    assert all(o.status == 200 for o in outcomes if o.sent < asked - 0.3), load.summary()
+    late = [o for o in outcomes if o.sent > unloaded]
+    assert late and all(o.status == 404 for o in late), load.summary()
 
 
 def test_tritonclient_repository_calls(store):
