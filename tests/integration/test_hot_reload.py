@@ -159,3 +159,6 @@ def test_unloading_under_load_answers_every_accepted_request(store):
     # Sent after the unload answered: the model is gone.
     late = [o for o in outcomes if o.sent > unloaded]
     assert late and all(o.status == 404 for o in late), load.summary()
+    drained = [o for o in outcomes if o.status == 200 and o.done > asked]
+    print(f"\nunload: {load.summary()} in all; {len(drained)} answered with 200 after unload_model was called "
+          f"(it took {unloaded - asked:.2f} s), then 404s only")
