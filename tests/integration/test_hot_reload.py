@@ -42,12 +42,12 @@ def retrained_dir(tmp_path_factory, tiny_embedding_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_embedding_dir, retrained_dir) -> tuple[Path, Path]:
-    """A store with tiny v1, and tiny v2 (the retrained weights) parked outside it, ready to publish."""
+def built(tmp_path_factory, tiny_store, retrained_dir) -> tuple[Path, Path]:
+    """A store with tiny v1 (the session's tiny store), and tiny v2 built alike from the retrained
+    weights, parked outside it, ready to publish."""
     root = tmp_path_factory.mktemp("reload-store")
-    steps = [{"export_onnx": {}}, {"optimize": {}}]
-    build_tiny_store(root, tiny_embedding_dir, [{"name": "tiny", "steps": steps}])
-    store = build_tiny_store(root, retrained_dir, [{"name": "tiny", "steps": steps}])
+    shutil.copytree(tiny_store, root / "store")
+    store = build_tiny_store(root, retrained_dir, [{"name": "tiny", "steps": [{"export_onnx": {}}, {"optimize": {}}]}])
     parked = root / "parked-tiny-2"
     os.rename(store / "tiny" / "2", parked)
     return store, parked
