@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -14,12 +15,14 @@ from service.api.responses import FastJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api import openai, ops, tei
+from service.api import openai, ops, repository, tei
+from service.api.common import EntryLeases
 from service.api.errors import REQUEST_ID_HEADER, install_error_handlers
 from service.auth import AccessControl
 from service.metrics import ServiceMetrics
 from service.observability import RequestObserver
 from service.registry import Registry
+from service.reloader import Reloader
 from service.settings import ServiceSettings
 from service.tracing import setup_tracing
 
@@ -96,22 +99,29 @@ class _TooLarge(StarletteHTTPException):
 
 def create_app(settings: ServiceSettings | None = None, registry: Registry | None = None,
                tracing_exporter=None) -> FastAPI:
-    """Build the app. A registry may be injected (tests use one with fake backends), and a span exporter
-    (tests); otherwise tracing follows the OTEL_* environment (service/tracing.py)."""
+    """Build the app. A registry may be injected (tests use one with fake backends or a fake backend
+    loader); one that holds no entries is loaded from the store like the default one. A span exporter
+    may be injected too (tests); otherwise tracing follows the OTEL_* environment (service/tracing.py)."""
     settings = settings or ServiceSettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         reg = registry if registry is not None else Registry(settings)
         app.state.registry = reg
-        if registry is None:
-            reg.load_all()
+        reloader = app.state.reloader = Reloader(reg, settings)
         app.state.metrics.attach(reg)
+        if not reg.entries:
+            await reloader.load_store()
         reg.start()
         if not reg.ready:
             log.error("not ready: %s", reg.problem or "no model loaded")
+        poller = asyncio.create_task(reloader.poll()) if settings.store_poll_interval_s > 0 else None
         yield
+        if poller is not None:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
         await reg.stop(grace_s=settings.shutdown_grace_s)
+        reloader.close()
         app.state.tokenizer_pool.shutdown(wait=False)
 
     app = FastAPI(title="bertserve", version=_version(), default_response_class=FastJSONResponse, lifespan=lifespan,
@@ -133,6 +143,8 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
         app.include_router(kserve.router)
     except ImportError:  # pragma: no cover - while the KServe routes are being written
         pass
+    app.include_router(repository.router)
+    app.add_middleware(EntryLeases)  # innermost: a request's model leases end after its answer
     app.add_middleware(AccessControl, settings=settings)  # inside the guard: refusals carry a request id
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestObserver, metrics=app.state.metrics)  # outermost: sees the guard's answers too

@@ -42,8 +42,7 @@ class AccessControl:
     def __init__(self, app: ASGIApp, settings: ServiceSettings):
         self.app = app
         self.api_keys = [k.encode() for k in settings.api_key_list]
-        admin = settings.admin_key.get_secret_value().strip()
-        self.admin_keys = [admin.encode()] if admin else []
+        self.admin_keys = [settings.admin_secret.encode()] if settings.admin_secret else []
         self.open_health = settings.open_health_and_metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -20,6 +20,14 @@ class BadRequest(ServiceError):
     type = "bad_request"
 
 
+class ModelLoadFailed(ServiceError):
+    """A model the admin asked to load has a version that failed verification or loading. 400, as
+    Triton answers a failed load; what served before goes on serving."""
+
+    status_code = 400
+    type = "model_load_failed"
+
+
 class InvalidInput(ServiceError):
     status_code = 422
     type = "invalid_input"

@@ -102,10 +102,13 @@ class ServiceMetrics:
     # ------------------------------------------------------------- feeding
 
     def on_event(self, kind: str, data: dict) -> None:
-        """The batchers' events (see Batcher): batches and failed batches. Rejections are counted per
-        request by the HTTP layer (``observe_request``), which also sees those that never reach a queue."""
+        """The registry's events: batches and failed batches (see Batcher), and loaded versions, whose
+        model gets its series at once if it is new. Rejections are counted per request by the HTTP layer
+        (``observe_request``), which also sees those that never reach a queue."""
         model = data.get("model", NO_MODEL)
-        if kind == "batch":
+        if kind == "loaded":
+            self.init_model(model)
+        elif kind == "batch":
             self.batch_size.labels(model).observe(data["size"])
             self.batch_tokens.labels(model).observe(data["padded_tokens"])
             self.padding_ratio.labels(model).observe(data["padded_tokens"] / max(1, data["real_tokens"]))
@@ -157,19 +160,28 @@ class _ModelStateCollector:
         if registry is not None:
             depths: dict[str, int] = {}
             capacities: dict[str, int] = {}
-            for entry in list(registry.entries.values()):
+            # Versions loading or draining too (not ready; a draining one's queue is still worked off),
+            # one series per version: a retry of a failed version is in both places while it loads.
+            seen: set[tuple[str, int]] = set()
+            for entry in [*registry.entries.values(), *registry.transitions]:
+                if (entry.name, entry.version) in seen:
+                    continue
+                seen.add((entry.name, entry.version))
                 version = str(entry.version)
                 manifest = entry.manifest
-                provider = entry.backends[0].info.provider if entry.backends else ""
-                info.add_metric([entry.name, version, manifest.format if manifest else "",
-                                 manifest.precision if manifest else "", provider], 1)
+                if entry.status != "loading":  # its labels are not known until it has loaded
+                    provider = entry.backends[0].info.provider if entry.backends else ""
+                    info.add_metric([entry.name, version, manifest.format if manifest else "",
+                                     manifest.precision if manifest else "", provider], 1)
                 ready.add_metric([entry.name, version], 1 if entry.ready else 0)
-                if entry.batcher is not None and entry.ready:
+                if entry.batcher is not None and entry.status in ("ready", "unloading"):
                     depths[entry.name] = depths.get(entry.name, 0) + entry.batcher.queue_depth
-                    capacities[entry.name] = capacities.get(entry.name, 0) + entry.batcher.max_queue_items
+                    if entry.ready:
+                        capacities[entry.name] = capacities.get(entry.name, 0) + entry.batcher.max_queue_items
             for name, value in sorted(depths.items()):
                 depth.add_metric([name], value)
-                capacity.add_metric([name], capacities[name])
-            for name in registry.names():
+                capacity.add_metric([name], capacities.get(name, 0))
+            # A counter must not vanish when its model is unloaded: every name that ever failed stays.
+            for name in sorted(set(registry.names()) | set(registry.load_failures)):
                 failures.add_metric([name], registry.load_failures.get(name, 0))
         yield from (info, ready, depth, capacity, failures)

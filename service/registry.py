@@ -2,12 +2,20 @@
 
 A variant that fails to load is logged and reported not ready; it never stops the others. Variants
 built for an execution provider this machine lacks are skipped with a log line.
+
+Versions come and go while the server runs (service/reloader.py decides which): a new one is prepared
+completely off the event loop (``prepare``), then switched in with one dict assignment on the loop
+(``install``), so a request sees the old version or the new one, never a half-loaded one. An old one is
+withdrawn from lookups first and closed only once every request that resolved it has finished
+(``retire``): requests hold a lease on the entry they resolved (``ModelEntry.acquire``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +27,7 @@ from service.backends.base import Backend, ProviderUnavailable, load_backend
 from service.batching.batcher import Batcher
 from service.batching.policy import BatchLimits
 from service.errors import ModelNotFound, NotReady
-from service.manifest import Manifest, ManifestError, load_verified, store_versions
+from service.manifest import Manifest, ManifestError, load_verified
 from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer, pad_batch
 
@@ -28,50 +36,85 @@ log = logging.getLogger("bertserve.registry")
 BackendLoader = Callable[[Path, Manifest, ServiceSettings], Backend]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the old and the new entry of one version may be alive at once
 class ModelEntry:
     name: str
     version: int
     path: Path
-    status: str = "loading"  # loading | ready | failed | skipped | unloaded
+    status: str = "loading"  # loading | ready | failed | skipped | unloading | unloaded
     reason: str | None = None
     manifest: Manifest | None = None
     tokenizer: TextTokenizer | None = None
     backends: list[Backend] = field(default_factory=list)
     solo_backends: list[Backend] = field(default_factory=list)  # same model, more threads (see settings)
     batcher: Batcher | None = None
+    leases: int = 0  # requests that resolved this entry and have not finished; event-loop only
 
     @property
     def ready(self) -> bool:
         return self.status == "ready"
+
+    def acquire(self) -> None:
+        """A request holds the entry it resolved until its response is sent (see ``Registry.retire``)."""
+        self.leases += 1
+
+    def release(self) -> None:
+        self.leases -= 1
 
     @property
     def input_names(self) -> list[str]:
         return [i.name for i in self.manifest.inputs]
 
 
-def parse_version_policy(policy: str) -> Callable[[str, list[int]], list[int]]:
-    """Triton-style policies: 'latest', 'latest:N', 'all', 'specific:name=1,2;other=3'."""
+VersionPolicy = Callable[[str, list[int]], list[int]]
+
+
+def parse_version_policy(policy: str) -> VersionPolicy:
+    """Triton-style policies: 'latest', 'latest:N', 'all', 'specific:1,3' (every model) or
+    'specific:NAME=1,2;OTHER=3' (per model; a part without NAME= is the default for the others, and
+    a model named nowhere gets its latest version). Raises ValueError naming what is wrong."""
     policy = policy.strip()
     if policy == "all":
         return lambda _n, versions: versions
-    match = re.fullmatch(r"latest(?::(\d+))?", policy)
+    match = re.fullmatch(r"latest(?::([1-9][0-9]*))?", policy)
     if match:
         n = int(match.group(1) or 1)
         return lambda _n, versions: versions[-n:]
     if policy.startswith("specific:"):
         wanted: dict[str, set[int]] = {}
-        for part in filter(None, policy[len("specific:"):].split(";")):
-            name, _, nums = part.partition("=")
-            wanted[name.strip()] = {int(v) for v in nums.split(",") if v.strip()}
-        return lambda name, versions: [v for v in versions if v in wanted.get(name, {versions[-1]} if versions else set())]
-    raise ValueError(f"unknown version policy {policy!r}; use latest, latest:N, all or specific:NAME=1,2")
+        default: set[int] | None = None
+        for part in filter(None, (p.strip() for p in policy[len("specific:"):].split(";"))):
+            name, equals, nums = part.rpartition("=")
+            if not re.fullmatch(r"[0-9]+(\s*,\s*[0-9]+)*", nums.strip()) or (equals and not name.strip()):
+                raise ValueError(f"version policy {policy!r}: {part!r} is not a list of version numbers "
+                                 f"(specific:1,3 or specific:NAME=1,2;OTHER=3)")
+            versions = {int(v) for v in nums.split(",")}
+            if equals:
+                wanted[name.strip()] = versions
+            else:
+                default = versions
+        if not wanted and default is None:
+            raise ValueError(f"version policy {policy!r} names no versions; e.g. specific:1,3")
+
+        def choose(name: str, versions: list[int]) -> list[int]:
+            keep = wanted.get(name, default)
+            return versions[-1:] if keep is None else [v for v in versions if v in keep]
+
+        return choose
+    raise ValueError(f"unknown version policy {policy!r}; use latest, latest:N, all, specific:1,3 "
+                     f"or specific:NAME=1,2;OTHER=3")
 
 
 class Registry:
     def __init__(self, settings: ServiceSettings, backend_loader: BackendLoader = load_backend):
         self.settings = settings
+        self.policy = parse_version_policy(settings.version_policy)  # a bad policy fails at start-up
+        # What lookups see: ready versions, and failed or skipped ones (503, and why, in the index).
+        # Changed on the event loop only, so a lookup never sees it half-updated.
         self.entries: dict[tuple[str, int], ModelEntry] = {}
+        # Versions on their way in (loading) or out (unloading): shown in the index and the metrics,
+        # never served to a new request.
+        self.transitions: set[ModelEntry] = set()
         self.load_failures: Counter[str] = Counter()  # by model name, since start-up
         self._listeners: list[Callable[[str, dict], None]] = []
         self._backend_loader = backend_loader
@@ -79,28 +122,11 @@ class Registry:
 
     # ------------------------------------------------------------ loading
 
-    def load_all(self) -> None:
-        store = self.settings.model_store
-        if not store.is_dir():
-            self.problem = f"model store {store} does not exist; run `make build`"
-            log.error(self.problem)
-            return
-        choose = parse_version_policy(self.settings.version_policy)
-        found = store_versions(store)
-        if not found:
-            self.problem = f"model store {store} holds no variants; run `make build`"
-            log.error(self.problem)
-            return
-        for name, versions in found.items():
-            for version in choose(name, versions):
-                self.load(name, version)
-        if not any(e.ready for e in self.entries.values()):
-            self.problem = "no variant in the store could be loaded; see the log"
-
-    def load(self, name: str, version: int) -> ModelEntry:
-        path = self.settings.model_store / name / str(version)
-        entry = ModelEntry(name=name, version=version, path=path)
-        self.entries[(name, version)] = entry
+    def prepare(self, entry: ModelEntry) -> ModelEntry:
+        """Verify, load and warm up ``entry``'s files, and build its batcher (not started). Blocking: run
+        it in a thread. Touches nothing shared, so serving goes on meanwhile; ``install`` switches it in.
+        Leaves the status "loading" when it worked, "failed" or "skipped" with a reason when not."""
+        name, version, path = entry.name, entry.version, entry.path
         try:
             entry.manifest = load_verified(path)
             if entry.manifest.name != name or entry.manifest.version != version:
@@ -111,24 +137,51 @@ class Registry:
             entry.solo_backends = self._solo_backends(entry)
             for backend in entry.backends + entry.solo_backends:
                 backend.warmup()
+            entry.batcher = self._make_batcher(entry)
         except ProviderUnavailable as exc:
-            entry.status, entry.reason = "skipped", str(exc)
+            entry.status, entry.reason = "skipped", self._relative(str(exc), entry)
             log.warning("skipping %s v%d: %s", name, version, exc)
-            return entry
         except ManifestError as exc:
-            entry.status, entry.reason = "failed", str(exc)
+            entry.status, entry.reason = "failed", self._relative(str(exc), entry)
             log.error("not loading %s v%d: %s", name, version, exc)
-            self.load_failures[name] += 1
-            return entry
         except Exception as exc:  # noqa: BLE001 - one broken variant must not stop the others
-            entry.status, entry.reason = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            entry.status, entry.reason = "failed", self._relative(f"{type(exc).__name__}: {first_line}", entry)
             log.exception("failed to load %s v%d", name, version)
-            self.load_failures[name] += 1
-            return entry
-        entry.batcher = self._make_batcher(entry)
-        entry.status = "ready"
-        log.info("ready: %s v%d (%s %s on %s)", name, version, entry.manifest.format, entry.manifest.precision,
-                 entry.backends[0].info.provider)
+        if entry.status != "loading":
+            self.close_backends(entry)
+        return entry
+
+    def _relative(self, reason: str, entry: ModelEntry) -> str:
+        # Reasons reach the admin's index; the store's absolute path is the server's business.
+        return reason.replace(str(entry.path), f"{entry.name}/{entry.version}")
+
+    def install(self, entry: ModelEntry) -> ModelEntry | None:
+        """Event loop: make a prepared entry the one lookups find for its version, starting its batcher.
+
+        From this call on, a request for the model's latest version gets it: one dict assignment, so
+        no request sees a version that is not warmed up. A failure is counted, and never replaces a
+        ready entry. Returns the ready entry it replaced, if any, for the caller to retire.
+        """
+        key = (entry.name, entry.version)
+        self.transitions.discard(entry)
+        previous = self.entries.get(key)
+        if entry.status == "loading":
+            entry.batcher.start()
+            entry.status = "ready"
+            log.info("ready: %s v%d (%s %s on %s)", entry.name, entry.version, entry.manifest.format,
+                     entry.manifest.precision, entry.backends[0].info.provider)
+        elif entry.status == "failed":
+            self.load_failures[entry.name] += 1
+        if entry.ready or previous is None or not previous.ready:
+            self.entries[key] = entry
+        self._event("loaded", {"model": entry.name, "version": entry.version, "status": entry.status})
+        return previous if previous is not None and previous.ready and previous is not entry else None
+
+    def begin_load(self, name: str, version: int) -> ModelEntry:
+        """Event loop: a fresh entry for ``prepare``, shown as loading until ``install``."""
+        entry = ModelEntry(name=name, version=version, path=self.settings.model_store / name / str(version))
+        self.transitions.add(entry)
         return entry
 
     def _solo_backends(self, entry: ModelEntry) -> list[Backend]:
@@ -174,7 +227,9 @@ class Registry:
         return forward
 
     def subscribe(self, listener: Callable[[str, dict], None]) -> None:
-        """Call ``listener(kind, data)`` for every batcher event (data has "model"); from any thread."""
+        """Call ``listener(kind, data)`` for every batcher event (data has "model"), from any thread, and
+        for every version loaded or unloaded ("loaded" {model, version, status}, "unloaded" {model,
+        version}), from the event loop."""
         self._listeners.append(listener)
 
     def _event(self, kind: str, data: dict) -> None:
@@ -185,25 +240,76 @@ class Registry:
                 log.exception("event listener failed")
 
     def start(self) -> None:
+        """Start the batchers of entries put in place before the event loop ran (tests inject those)."""
         for entry in self.entries.values():
-            if entry.batcher is not None:
+            if entry.batcher is not None and not entry.batcher.started:
                 entry.batcher.start()
 
+    # ------------------------------------------------------------ unloading
+
+    def withdraw(self, entry: ModelEntry) -> None:
+        """Event loop: no new request resolves ``entry`` from now on; those that did still run."""
+        key = (entry.name, entry.version)
+        if self.entries.get(key) is entry:
+            del self.entries[key]
+        if entry.ready:
+            entry.status = "unloading"
+            self.transitions.add(entry)
+
+    async def drain(self, entry: ModelEntry, grace_s: float) -> None:
+        """After ``withdraw``: wait for every request holding the entry, then stop its batcher and
+        close its backends. Past ``grace_s`` what is still queued fails as at shutdown (503)."""
+        if entry.status != "unloading":
+            return  # a failed or skipped entry has nothing running
+        deadline = time.monotonic() + grace_s
+        log.info("unloading %s v%d: %d request(s) in flight", entry.name, entry.version, entry.leases)
+        # Waiting on the leases, not only on the queue: a request may have resolved the entry and
+        # still be tokenizing; it must find the batcher open when it gets there.
+        while entry.leases > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if entry.leases > 0:
+            log.warning("unloading %s v%d: %d request(s) still running after %.0f s", entry.name,
+                        entry.version, entry.leases, grace_s)
+        if entry.batcher is not None:
+            await entry.batcher.stop(max(0.0, deadline - time.monotonic()))
+        await asyncio.to_thread(self.close_backends, entry)
+        entry.status = "unloaded"
+        self.transitions.discard(entry)
+        log.info("unloaded: %s v%d", entry.name, entry.version)
+        self._event("unloaded", {"model": entry.name, "version": entry.version})
+
+    async def retire(self, entries: list[ModelEntry], grace_s: float) -> None:
+        """Withdraw every one of ``entries`` at once, then drain them together."""
+        for entry in entries:
+            self.withdraw(entry)
+        await asyncio.gather(*(self.drain(e, grace_s) for e in entries))
+
+    @staticmethod
+    def close_backends(entry: ModelEntry) -> None:
+        for backend in entry.backends + entry.solo_backends:
+            try:
+                backend.close()
+            except Exception:  # noqa: BLE001 - a backend that fails to close must not stop the others
+                log.exception("closing a backend of %s v%d failed", entry.name, entry.version)
+
     async def stop(self, grace_s: float) -> None:
-        for entry in self.entries.values():
+        for entry in [*self.entries.values(), *self.transitions]:
             if entry.batcher is not None:
                 await entry.batcher.stop(grace_s)
-            for backend in entry.backends + entry.solo_backends:
-                backend.close()
+            self.close_backends(entry)
 
     # ------------------------------------------------------------ lookup
 
     def names(self) -> list[str]:
         return sorted({name for name, _ in self.entries})
 
+    def versions(self, name: str) -> list[ModelEntry]:
+        """Every entry lookups can find for ``name`` (ready, failed or skipped), oldest first."""
+        return sorted((e for (n, _), e in self.entries.items() if n == name), key=lambda e: e.version)
+
     def get(self, name: str | None = None, version: int | None = None) -> ModelEntry:
         name = name or self.settings.default_model
-        candidates = sorted((e for (n, _), e in self.entries.items() if n == name), key=lambda e: e.version)
+        candidates = self.versions(name)
         if not candidates:
             known = ", ".join(self.names()) or "none"
             raise ModelNotFound(f"model {name!r} is not served here; models: {known}")

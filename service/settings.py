@@ -15,8 +15,14 @@ class ServiceSettings(BaseSettings):
     # Where and what to serve
     model_store: Path = Path("model_store")
     default_model: str = "minilm"
-    # "latest" or "latest:N" (the N newest versions of each name) or "specific:NAME=1,2;OTHER=3"
+    # "latest", "latest:N" (the N newest versions of each name), "all", "specific:1,3" or
+    # "specific:NAME=1,2;OTHER=3"; applied to the versions that load (a broken newest one leaves the
+    # one before it serving).
     version_policy: str = "latest"
+    # Seconds between rescans of the store for published and removed versions (service/reloader.py);
+    # 0 = off. Off by default, as Triton's default model control mode: an image that bakes its store in
+    # has nothing to watch, and a version deleted from disk is then unloaded only when someone asks.
+    store_poll_interval_s: float = Field(0.0, ge=0, le=86400)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     device: Literal["cpu", "cuda"] = "cpu"
@@ -57,7 +63,8 @@ class ServiceSettings(BaseSettings):
 
     # Requests
     request_timeout_s: float = Field(30.0, gt=0)  # deadline for an item to reach inference
-    # On SIGTERM: stop accepting, then let in-flight requests finish for up to this long.
+    # On SIGTERM: stop accepting, then let in-flight requests finish for up to this long. An unloaded
+    # or replaced model version drains its requests for up to this long too.
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600)
     max_inputs_per_request: int = Field(256, ge=1)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
@@ -83,6 +90,11 @@ class ServiceSettings(BaseSettings):
         if 0 < self.max_padding_ratio < 1:
             raise ValueError("max_padding_ratio is padded/real tokens: 0 (no limit) or at least 1")
         return self
+
+    @property
+    def admin_secret(self) -> str:
+        """The admin key, or "" when the model repository routes are disabled."""
+        return self.admin_key.get_secret_value().strip()
 
     @property
     def api_key_list(self) -> list[str]:

@@ -1,6 +1,7 @@
 """Shared test setup: offline environment, and tiny random BERT checkpoints made in-process (the
 whole pipeline runs on them in seconds)."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -171,3 +172,90 @@ class LiveServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# ------------------------------------------------------------------ load while something changes
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One request of a ClientLoad: when it was sent and answered, and what came back."""
+
+    sent: float  # time.monotonic()
+    done: float
+    status: int | str  # HTTP status, or the name of a transport error
+    version: str | None = None  # model_version of a 200
+    vector: "np.ndarray | None" = None  # its first output
+    error_type: str | None = None  # error.type of an error answer
+
+
+class ClientLoad:
+    """A few concurrent clients posting KServe infer requests for ``texts`` to ``model`` until the
+    context ends (or ``limit_s``, so a failing test cannot hang); every outcome is kept."""
+
+    def __init__(self, url: str, model: str, texts: list[str], clients: int = 4, limit_s: float = 60.0):
+        import threading
+        import time
+
+        self.url, self.model = url, model
+        self.body = {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
+        self.outcomes: list[Outcome] = []
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.deadline = time.monotonic() + limit_s
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _client(self) -> None:
+        import time
+
+        import httpx
+        import numpy as np
+
+        with httpx.Client(timeout=30) as client:
+            while not self.stop_event.is_set() and time.monotonic() < self.deadline:
+                sent = time.monotonic()
+                try:
+                    r = client.post(f"{self.url}/v2/models/{self.model}/infer", json=self.body)
+                    outcome = Outcome(sent, time.monotonic(), r.status_code)
+                    if r.status_code == 200:
+                        out = r.json()["outputs"][0]
+                        outcome.version = r.json()["model_version"]
+                        outcome.vector = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+                    else:
+                        outcome.error_type = r.json()["error"]["type"]
+                except httpx.HTTPError as exc:
+                    outcome = Outcome(sent, time.monotonic(), type(exc).__name__)
+                with self.lock:
+                    self.outcomes.append(outcome)
+
+    def __enter__(self) -> "ClientLoad":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=40)
+
+    def wait_for(self, predicate, timeout_s: float) -> float:
+        """When (time.monotonic()) the first outcome matching ``predicate`` was answered."""
+        import time
+
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            with self.lock:
+                hits = [o.done for o in self.outcomes if predicate(o)]
+            if hits:
+                return min(hits)
+            time.sleep(0.02)
+        pytest.fail(f"no answer matched within {timeout_s} s; outcomes: {self.summary()}")
+
+    def summary(self) -> dict[str, int]:
+        """Outcomes counted by answering version (v1, v2) or status."""
+        with self.lock:
+            counts: dict[str, int] = {}
+            for o in self.outcomes:
+                key = f"v{o.version}" if o.status == 200 else str(o.status)
+                counts[key] = counts.get(key, 0) + 1
+            return counts

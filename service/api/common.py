@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge
 from service.registry import ModelEntry
@@ -25,10 +26,33 @@ def state(request: Request):
 
 
 def model_entry(request: Request, name: str | None, version: int | None = None) -> ModelEntry:
-    """The loaded model a request names (the default when None); remembered for metrics and logs."""
+    """The loaded model a request names (the default when None); remembered for metrics and logs, and
+    held until the response is sent (``EntryLeases``), so that unloading it lets this request finish."""
     entry = state(request).registry.get(name, version)
     request.state.model = entry.name
+    entry.acquire()
+    leases = getattr(request.state, "leases", None)
+    if leases is None:
+        leases = request.state.leases = []
+    leases.append(entry)
     return entry
+
+
+class EntryLeases:
+    """Pure ASGI middleware: gives back the model entries a request resolved once it is answered, even
+    when the handler raised. A version being unloaded waits for these (Registry.drain)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for entry in scope.get("state", {}).pop("leases", ()):
+                entry.release()
 
 
 def _timing(request: Request) -> dict:

@@ -136,6 +136,19 @@ class _InferRoute(APIRoute):
         return split
 
 
+class JsonRoute(APIRoute):
+    """Reads the body as JSON whatever its Content-Type says, for the other OIP routes that take one
+    (the model repository extension): tritonclient sends none, curl -d says form-urlencoded."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def relabel(request: Request) -> Response:
+            return await handler(_InferRequest(request, await request.body(), b""))
+
+        return relabel
+
+
 router = APIRouter(tags=["KServe v2"], responses=ERROR_RESPONSES)
 
 
@@ -182,7 +195,11 @@ def _metadata(request: Request, entry: ModelEntry) -> dict:
 
 @router.get("/v2", response_model=ServerMetadata)
 async def server_metadata(request: Request) -> dict:
-    return {"name": "bertserve", "version": state(request).version, "extensions": ["binary_tensor_data"]}
+    extensions = ["binary_tensor_data"]
+    if state(request).settings.admin_secret:
+        # Advertised only where it answers: without an admin key the repository routes are off (403).
+        extensions.append("model_repository")
+    return {"name": "bertserve", "version": state(request).version, "extensions": extensions}
 
 
 @router.get("/v2/health/live")

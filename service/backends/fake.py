@@ -15,13 +15,15 @@ from service.backends.base import BackendInfo
 
 class FakeBackend:
     def __init__(self, dim: int = 8, task: str = "embedding", num_labels: int = 3, normalize: bool = True,
-                 fail_when_token: int | None = None, delay_s: float = 0.0):
+                 fail_when_token: int | None = None, delay_s: float = 0.0, salt: int = 0):
         self.dim, self.task, self.num_labels, self.normalize = dim, task, num_labels, normalize
+        self.salt = salt  # mixed into every row: two fake "versions" of a model answer differently
         self.fail_when_token = fail_when_token  # raise for any batch containing this id (fault tests)
         self.delay_s = delay_s  # simulated inference time, for queueing and timeout tests
         self.batches: list[tuple[int, int]] = []  # (batch size, padded length) of every call
         self.seen_ids: list[list[int]] = []  # every row that reached inference, unpadded
         self._lock = threading.Lock()
+        self.closed = False
         out = "sentence_embedding" if task == "embedding" else "logits"
         self.info = BackendInfo(format="fake", precision="fp32", provider="cpu", output_name=out)
 
@@ -30,7 +32,7 @@ class FakeBackend:
 
     def row(self, ids: np.ndarray) -> np.ndarray:
         width = self.dim if self.task == "embedding" else self.num_labels
-        rng = np.random.default_rng(int(np.sum(ids * np.arange(1, len(ids) + 1)) % (2**32)))
+        rng = np.random.default_rng((int(np.sum(ids * np.arange(1, len(ids) + 1))) + self.salt) % (2**32))
         vec = rng.standard_normal(width).astype(np.float32) + len(ids) / 10
         if self.task == "embedding" and self.normalize:
             vec /= np.linalg.norm(vec)
@@ -51,4 +53,4 @@ class FakeBackend:
         return {self.info.output_name: np.stack(rows)}
 
     def close(self) -> None:
-        pass
+        self.closed = True

@@ -115,6 +115,10 @@ class Batcher:
             thread.start()
             self._threads.append(thread)
 
+    @property
+    def started(self) -> bool:
+        return self._loop is not None
+
     async def stop(self, grace_s: float) -> None:
         """Refuse new work, let queued work finish for up to ``grace_s``, then fail the rest (503).
 
