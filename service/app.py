@@ -24,6 +24,7 @@ from service.observability import RequestObserver
 from service.registry import Registry
 from service.reloader import Reloader
 from service.settings import ServiceSettings
+from service.shedding import LoadShedder
 from service.tracing import setup_tracing
 
 log = logging.getLogger("bertserve")
@@ -145,6 +146,7 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
         pass
     app.include_router(repository.router)
     app.add_middleware(EntryLeases)  # innermost: a request's model leases end after its answer
+    app.add_middleware(LoadShedder)  # after authentication: an unauthorized client hears 401, not 429
     app.add_middleware(AccessControl, settings=settings)  # inside the guard: refusals carry a request id
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestObserver, metrics=app.state.metrics)  # outermost: sees the guard's answers too

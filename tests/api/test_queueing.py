@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from fastapi.testclient import TestClient
 
+from service.api import common
 from service.app import create_app
 from service.backends.fake import FakeBackend
 from service.settings import ServiceSettings
@@ -128,3 +129,31 @@ def test_empty_store_starts_not_ready_and_says_why(tmp_path):
         assert client.get("/v2/health/ready").status_code == 503
         assert client.get("/v2/health/live").status_code == 200
         assert client.post("/v1/embeddings", json={"input": "x"}).status_code == 404
+
+
+def test_saturated_model_is_refused_at_the_door_before_any_route_work(tmp_path, monkeypatch):
+    settings = ServiceSettings(model_store=tmp_path)
+    backend = FakeBackend(dim=8)
+    registry = make_registry(tmp_path, settings, {"minilm": backend})
+    batcher = registry.entries[("minilm", 1)].batcher
+    with TestClient(create_app(settings, registry=registry)) as client:
+        reached_route = []
+        monkeypatch.setattr(common, "check_texts", lambda *a, **k: reached_route.append(a))
+        monkeypatch.setattr(type(batcher), "_saturated", lambda self, items: True)
+        for path, body in [("/v1/embeddings", {"input": "hello"}), ("/embed", {"inputs": "hello"}),
+                           ("/v2/models/minilm/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                                                   "data": ["hello"]}]})]:
+            r = client.post(path, json=body, headers={"x-request-id": "shed-1"})
+            assert r.status_code == 429, (path, r.text)
+            assert int(r.headers["retry-after"]) >= 1 and r.headers["x-request-id"] == "shed-1"
+            assert r.json()["error"]["type"] == "overloaded" and r.json()["error"]["request_id"] == "shed-1"
+        # Refused before the route validated or tokenized anything (the KServe route checks its own way).
+        assert reached_route == [] and backend.seen_ids == []
+        # What the door cannot read plainly still gets the routes' own answers.
+        assert client.post("/v1/embeddings", content=b"{not json",
+                           headers={"content-type": "application/json"}).status_code == 422
+        assert client.post("/v1/embeddings", json={"input": "x", "model": "nope"}).status_code == 404
+        metrics = client.get("/metrics").text
+        assert 'bertserve_rejections_total{model="minilm",reason="overloaded"} 3.0' in metrics
+        monkeypatch.undo()
+        assert client.post("/v1/embeddings", json={"input": "hello"}).status_code == 200

@@ -1,0 +1,86 @@
+"""Load shedding at the door: an inference request for a saturated model is refused (429 with
+Retry-After) before FastAPI routes, validates and tokenizes it.
+
+Under ten times its capacity a 2-core server spends most of its time refusing; every millisecond of
+Python a refusal costs is taken from the model. Here a refusal costs reading the body, one orjson
+parse to find the model, and one look at its batcher's queue (the same rule the batcher applies:
+``Batcher.admit``). Anything this layer cannot read plainly (not a JSON object, a model it does not
+know, a model not ready) goes on to the routes, which answer it as usual.
+"""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+from fastapi import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.errors import Overloaded, ServiceError
+
+# Routes whose model is named in the JSON body ("model", or the default model when absent).
+BODY_NAMED = frozenset({"/v1/embeddings", "/embed", "/predict"})
+# KServe v2 names the model (and maybe the version) in the path.
+KSERVE_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]{1,9}))?/infer$")
+
+
+class LoadShedder:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        kserve = KSERVE_INFER.match(path) if scope["type"] == "http" else None
+        if scope["type"] != "http" or scope.get("method") != "POST" or not (path in BODY_NAMED or kserve):
+            return await self.app(scope, receive, send)
+        registry = getattr(scope["app"].state, "registry", None)
+        if registry is None or not registry.entries:
+            return await self.app(scope, receive, send)
+
+        chunks, message = [], {"more_body": True}
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            chunks.append(message.get("body", b""))
+        body = b"".join(chunks)
+
+        entry = self._entry(registry, body, kserve)
+        if entry is not None and entry.batcher is not None:
+            try:
+                entry.batcher.admit(1)
+            except Overloaded as exc:
+                from service.api.errors import error_response
+
+                scope.setdefault("state", {})["model"] = entry.name
+                request = Request(scope, receive)
+                response = error_response(request, exc.status_code, exc.type, exc.message, exc.headers)
+                return await response(scope, receive, send)
+
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    def _entry(registry, body: bytes, kserve):
+        if kserve:
+            name, version = kserve.group(1), int(kserve.group(2)) if kserve.group(2) else None
+        else:
+            try:
+                doc = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return None
+            if not isinstance(doc, dict) or not isinstance(doc.get("model", ""), (str, type(None))):
+                return None
+            name, version = doc.get("model") or None, None
+        try:
+            return registry.get(name, version)
+        except ServiceError:
+            return None
