@@ -38,6 +38,7 @@ class Answer:
     status: str  # HTTP status, or the client error's name
     retry_after: str | None = None
     problem: str | None = None  # a 200 whose body was wrong
+    index: int = -1  # which of the prepared requests
 
 
 @dataclass
@@ -93,7 +94,7 @@ async def _exchange(conn: rawhttp.Connection, raw: bytes, index: int, check: Che
         code, retry_after, problem = "client_timeout", None, None
     except rawhttp.HTTPError as exc:
         code, retry_after, problem = type(exc).__name__, None, None
-    return Answer(sent - began, time.perf_counter() - sent, code, retry_after, problem)
+    return Answer(sent - began, time.perf_counter() - sent, code, retry_after, problem, index)
 
 
 async def capacity(host: str, port: int, requests: list[bytes], concurrency: int, seconds: float,

@@ -23,6 +23,10 @@ class ProtocolError(HTTPError):
     pass
 
 
+class _StaleConnection(HTTPError):
+    """A reused keep-alive connection was already closed by the server; safe to send again."""
+
+
 class Connection:
     """One keep-alive connection; reconnects on the next request after a failure or `Connection: close`."""
 
@@ -42,7 +46,21 @@ class Connection:
         return status, body
 
     async def exchange(self, raw_request: bytes) -> tuple[int, dict[str, str], bytes]:
-        """Send one pre-built request; return (status, lower-cased headers, body)."""
+        """Send one pre-built request; return (status, lower-cased headers, body).
+
+        A kept-alive connection the server closed while it sat idle (uvicorn closes them after 5 s)
+        fails before any byte of an answer; like browsers and urllib3, that request is sent once more
+        on a fresh connection. Any other failure is raised.
+        """
+        reused = self._writer is not None
+        try:
+            return await self._exchange_once(raw_request)
+        except _StaleConnection as exc:
+            if not reused:
+                raise ProtocolError(str(exc)) from exc
+            return await self._exchange_once(raw_request)
+
+    async def _exchange_once(self, raw_request: bytes) -> tuple[int, dict[str, str], bytes]:
         if self._writer is None:
             try:
                 self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
@@ -51,11 +69,25 @@ class Connection:
         try:
             self._writer.write(raw_request)
             status, headers = await self._read_head()
+        except asyncio.IncompleteReadError as exc:
+            self.close()
+            if not exc.partial:  # closed before any byte of an answer
+                raise _StaleConnection(f"connection closed before an answer: {exc}") from exc
+            raise ProtocolError(f"{type(exc).__name__}: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            self.close()
+            if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+                raise _StaleConnection(f"connection reset before an answer: {exc}") from exc
+            raise ProtocolError(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException:  # cancelled mid-answer: the connection state is unknown
+            self.close()
+            raise
+        try:
             body = await self._read_body(headers)
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             self.close()
             raise ProtocolError(f"{type(exc).__name__}: {exc}") from exc
-        except BaseException:  # cancelled mid-answer: the connection state is unknown
+        except BaseException:
             self.close()
             raise
         if headers.get("connection", "").lower() == "close":
