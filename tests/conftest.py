@@ -118,6 +118,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_bertserve(store: Path, default_model: str, log_path: Path, timeout_s: float = 120, **settings: str):
+    """The ``bertserve`` console script as a subprocess on a free loopback port, ready when returned:
+    (process, port). ``settings`` are extra BERTSERVE_* variables without the prefix; output goes to
+    ``log_path``. Killed again if it never gets ready."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "BERTSERVE_MODEL_STORE": str(store), "BERTSERVE_PORT": str(port),
+           "BERTSERVE_DEFAULT_MODEL": default_model, "BERTSERVE_ACCESS_LOG": "false",
+           **{f"BERTSERVE_{k.upper()}": v for k, v in settings.items()}}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "bertserve")], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/v2/health/ready", timeout_s, proc, log_path)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, port
+
+
 def wait_http_ok(url: str, timeout_s: float, proc=None, log: Path | None = None) -> None:
     """Poll GET ``url`` until it answers 200; fail early when ``proc`` (a subprocess) has exited, with the
     tail of its ``log`` in the message."""

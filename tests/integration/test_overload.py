@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import resource
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -23,7 +20,7 @@ from bench.pressure import RssSampler, capacity, offered_load, rss_trend
 from bench.rawhttp import Connection
 from build_models.corpora import load_split
 from service.manifest import load_verified
-from tests.conftest import build_tiny_store, free_port, wait_http_ok
+from tests.conftest import build_tiny_store, start_bertserve
 
 OVERLOAD_FACTOR = 10
 OVERLOAD_S = 30
@@ -66,15 +63,9 @@ def test_ten_times_capacity_is_refused_promptly_and_accepted_work_is_right(minil
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < 4096:
         resource.setrlimit(resource.RLIMIT_NOFILE, (4096 if hard == resource.RLIM_INFINITY else min(4096, hard), hard))
-    port = free_port()
-    env = {**os.environ, "BERTSERVE_MODEL_STORE": str(minilm_store), "BERTSERVE_PORT": str(port),
-           "BERTSERVE_DEFAULT_MODEL": "minilm-fp32", "BERTSERVE_ACCESS_LOG": "false",
-           "BERTSERVE_MAX_CHARS_PER_TEXT": "10000", "BERTSERVE_MAX_BODY_BYTES": "65536"}
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    server, port = start_bertserve(minilm_store, "minilm-fp32", tmp_path / "server.log",
+                                   max_chars_per_text="10000", max_body_bytes="65536")
     try:
-        wait_http_ok(f"http://127.0.0.1:{port}/v2/health/ready", 120, server, log_path)
         conn = Connection("127.0.0.1", port)
         requests = [conn.request_bytes("POST", "/v1/embeddings", json.dumps({"input": t}).encode()) for t in texts]
         # Limits must hold under load too: bad requests are never served.

@@ -6,31 +6,21 @@ Never a 5xx, an answer cut short, or a wrong answer.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port, wait_http_ok
+from tests.conftest import start_bertserve
 
 
 def test_sigterm_under_load_loses_no_accepted_request(tiny_store, tmp_path):
-    port = free_port()
-    env = {**os.environ, "BERTSERVE_MODEL_STORE": str(tiny_store), "BERTSERVE_PORT": str(port),
-           "BERTSERVE_DEFAULT_MODEL": "tiny", "BERTSERVE_SHUTDOWN_GRACE_S": "20",
-           "BERTSERVE_INSTANCES_PER_MODEL": "1", "BERTSERVE_ACCESS_LOG": "false"}
     log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "bertserve")], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+    proc, port = start_bertserve(tiny_store, "tiny", log_path, timeout_s=60, shutdown_grace_s="20",
+                                 instances_per_model="1")
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http_ok(f"{url}/v2/health/ready", 60, proc, log_path)
         texts = [f"text number {i} of a request that keeps the batcher busy for a while" for i in range(64)]
         outcomes: list[tuple[float, str]] = []  # (time sent, outcome)
         lock = threading.Lock()
