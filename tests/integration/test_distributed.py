@@ -65,7 +65,6 @@ def test_two_ranks_train_the_same_student_as_one_process(dropout_free_source, tm
 
     one, two = final_student(tmp_path / "one"), final_student(tmp_path / "two")
     assert one.keys() == two.keys()
-    moved = 0.0
     for name in one:
         # Same global batch, gradients averaged over the two halves: the same updates up to float
         # summation order (12 AdamW steps).
