@@ -78,7 +78,7 @@ class QuantizeConfig(_Strict):
 
 Dataset = Literal["reuters-r8", "reuters-r52", "20newsgroups", "election-tweets"]
 # auto: ddp when torchrun started several processes, else single (build_models/training/strategy.py).
-Strategy = Literal["auto", "single", "ddp"]
+Strategy = Literal["auto", "single", "ddp", "parameter_server", "pipeline"]
 
 
 class PruneConfig(_Strict):
@@ -118,6 +118,8 @@ class TrainingConfig(_Strict):
     checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
     progress: bool = True  # the tqdm bar on stderr
+    # adamw for builds; sgd (plain, no momentum) to compare strategies update for update
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     strategy: Strategy = "auto"
 
 

@@ -53,6 +53,14 @@ def global_rows(step: int, n_examples: int, batch_size: int, seed: int) -> list[
     return order[index * batch_size:(index + 1) * batch_size]
 
 
+def make_optimizer(kind: str, groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW for real builds; plain SGD (no momentum, no decay) where runs are compared update for
+    update, as the strategy equivalence tests do."""
+    if kind == "sgd":
+        return torch.optim.SGD(groups)
+    return torch.optim.AdamW(groups, weight_decay=0.01)
+
+
 def after_step(step: int) -> None:
     """Called after every optimizer step; tests replace it to interrupt a run."""
 
@@ -78,7 +86,7 @@ def train(name: str, cfg, model: nn.Module, forward: nn.Module, n_examples: int,
     groups = [{"params": [p for p in params if id(p) not in fast], "lr": cfg.learning_rate}]
     if fast:
         groups.append({"params": [p for p in params if id(p) in fast], "lr": fast_learning_rate})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    optimizer = make_optimizer(cfg.optimizer, groups)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     outcome = TrainOutcome(total_steps=total, resumed_at_step=0, strategy=strategy.name, world_size=world.size)
 
@@ -93,41 +101,72 @@ def train(name: str, cfg, model: nn.Module, forward: nn.Module, n_examples: int,
         torch.set_rng_state(state["rng"])
         outcome.resumed_at_step, outcome.losses = state["step"], list(state["losses"])
 
-    wrapped = strategy.wrap(forward)
+    session = TrainSession(name=name, cfg=cfg, model=model, forward=forward, n_examples=n_examples,
+                           loss_fn=loss_fn, world=world, params=params, optimizer=optimizer,
+                           scheduler=scheduler, outcome=outcome, checkpoint=checkpoint)
     began = time.perf_counter()
     model.train()
-    bar = tqdm(total=total, initial=outcome.resumed_at_step, desc=name, unit="step",
-               disable=not (cfg.progress and world.is_main))
+    session.bar = tqdm(total=total, initial=outcome.resumed_at_step, desc=name, unit="step",
+                       disable=not (cfg.progress and world.is_main))
     try:
-        for step in range(outcome.resumed_at_step, total):
-            rows = strategy.shard(global_rows(step, n_examples, cfg.batch_size, cfg.seed))
-            outcome.rows_per_rank = len(rows)
-            loss = loss_fn(wrapped, rows)
-            value = world.mean(float(loss.item()))  # every rank sees the same value, so all stop together
-            if value != value or value in (float("inf"), float("-inf")):
-                raise BuildError(f"{name}: the loss became {value} at step {step + 1}; lower learning_rate "
-                                 f"(now {cfg.learning_rate})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            outcome.losses.append(value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-            done = step + 1
-            if world.is_main and checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == total):
-                _save(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                                   "step": done, "losses": outcome.losses})
-            after_step(done)
+        strategy.fit(session)
     finally:
-        bar.close()
+        session.bar.close()
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     outcome.seconds = time.perf_counter() - began
     return outcome
+
+
+@dataclass
+class TrainSession:
+    """One training run as the strategies see it: the model and optimiser, the data order, and the
+    bookkeeping every strategy shares (NaN guard, progress, checkpoints). A strategy's ``fit`` walks
+    the steps from ``outcome.resumed_at_step`` and, per step, gets the global batch's gradient into
+    the parameters' ``.grad`` however it spreads the work, then calls ``apply`` and ``finish_step``."""
+
+    name: str
+    cfg: object
+    model: nn.Module
+    forward: nn.Module
+    n_examples: int
+    loss_fn: LossFn
+    world: World
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    outcome: TrainOutcome
+    checkpoint: Path | None
+    bar: object = None
+
+    def rows(self, step: int) -> list[int]:
+        return global_rows(step, self.n_examples, self.cfg.batch_size, self.cfg.seed)
+
+    def check(self, value: float, step: int) -> None:
+        """Stop on a diverged loss; every rank must pass the same ``value`` so all stop together."""
+        if value != value or value in (float("inf"), float("-inf")):
+            raise BuildError(f"{self.name}: the loss became {value} at step {step + 1}; lower learning_rate "
+                             f"(now {self.cfg.learning_rate})")
+
+    def apply(self) -> None:
+        """One optimiser update from the gradients now in ``.grad`` (clipped to norm 1)."""
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def finish_step(self, step: int, value: float) -> None:
+        """Record the step's loss, show progress, checkpoint on rank 0, call ``after_step``."""
+        self.outcome.losses.append(value)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{value:.4f}")
+        done = step + 1
+        if self.world.is_main and self.checkpoint is not None and (
+                done % self.cfg.checkpoint_every == 0 or done == self.outcome.total_steps):
+            _save(self.checkpoint, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                                    "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
+                                    "step": done, "losses": self.outcome.losses})
+        after_step(done)
 
 
 def _save(path: Path, state: dict) -> None:

@@ -32,6 +32,21 @@ class Single:
     def shard(self, rows: list[int]) -> list[int]:
         return rows
 
+    def fit(self, session) -> None:
+        """Every step: this rank's rows of the global batch, forward and backward through ``wrap``
+        (which combines the ranks' gradients), then one update."""
+        wrapped = self.wrap(session.forward)
+        for step in range(session.outcome.resumed_at_step, session.outcome.total_steps):
+            rows = self.shard(session.rows(step))
+            session.outcome.rows_per_rank = len(rows)
+            loss = session.loss_fn(wrapped, rows)
+            value = self.world.mean(float(loss.item()))
+            session.check(value, step)
+            session.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            session.apply()
+            session.finish_step(step, value)
+
 
 class DataParallel(Single):
     """DDP: every rank computes an equal slice of the global batch; backward all-reduces (averages)
@@ -57,6 +72,8 @@ def resolve_strategy(name: str, world: World, batch_size: int, step: str):
     """The strategy object for a step, checked against the world before any training starts."""
     if name not in STRATEGIES:
         raise BuildError(f"{step}: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    if name in ("parameter_server", "pipeline"):
+        raise BuildError(f"{step}: strategy {name!r} is not available yet")
     if name == "auto":
         name = "ddp" if world.size > 1 else "single"
     if name == "single" and world.size > 1:
