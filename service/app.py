@@ -98,6 +98,18 @@ class _TooLarge(StarletteHTTPException):
         super().__init__(413, f"request body is larger than the limit of {max_bytes} bytes")
 
 
+def _without_native_telemetry() -> dict:
+    """FastAPI >= 0.16x instruments every request with OpenTelemetry on its own and checks whether
+    to, at some 15 us a request even when nothing is configured. Tracing here is service/tracing.py's
+    (FastAPIInstrumentor, on only with an OTLP endpoint), so the native layer stays off: no double
+    spans, and no cost on the refusal path."""
+    import inspect
+
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters:
+        return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    return {}
+
+
 def create_app(settings: ServiceSettings | None = None, registry: Registry | None = None,
                tracing_exporter=None) -> FastAPI:
     """Build the app. A registry may be injected (tests use one with fake backends or a fake backend
@@ -126,6 +138,7 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
         app.state.tokenizer_pool.shutdown(wait=False)
 
     app = FastAPI(title="bertserve", version=_version(), default_response_class=FastJSONResponse, lifespan=lifespan,
+                  **_without_native_telemetry(),
                   description="Serving optimized BERT-family models: OpenAI, text-embeddings-inference and "
                               "KServe v2 APIs over one dynamic batcher per model.")
     app.state.settings = settings

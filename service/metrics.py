@@ -38,7 +38,11 @@ _REASON_BY_ERROR_TYPE = {
     "client_disconnected": "cancelled", "unauthorized": "unauthorized", "forbidden": "unauthorized",
 }
 # The routes whose series exist from start-up, per loaded model (the others appear when first used).
-INFERENCE_ROUTES = ("/v1/embeddings", "/embed", "/predict", "/v2/models/{model_name}/infer")
+# The route templates as the routers declare them (what ``route_template`` reads at request time), so
+# the series made at start-up are the ones requests later count into.
+KSERVE_INFER_ROUTE = "/v2/models/{model}/infer"
+KSERVE_VERSION_INFER_ROUTE = "/v2/models/{model}/versions/{version}/infer"
+INFERENCE_ROUTES = ("/v1/embeddings", "/embed", "/predict", KSERVE_INFER_ROUTE, KSERVE_VERSION_INFER_ROUTE)
 
 
 class ServiceMetrics:
@@ -47,6 +51,7 @@ class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._request_children: dict[tuple, tuple] = {}
         self.requests = Counter("bertserve_requests", "HTTP requests answered, by model, route template and "
                                 "status code", ["model", "route", "code"], registry=r)
         self.request_duration = Histogram("bertserve_request_duration_seconds", "Time from request start to the "
@@ -121,12 +126,23 @@ class ServiceMetrics:
 
     def observe_request(self, model: str | None, route: str, status: int, seconds: float,
                         error_type: str | None) -> None:
-        model = model or NO_MODEL
-        self.requests.labels(model, route, str(status)).inc()
-        self.request_duration.labels(model, route).observe(seconds)
-        reason = _REASON_BY_ERROR_TYPE.get(error_type or "")
-        if reason is not None:
-            self.rejections.labels(model, reason).inc()
+        # Every request passes here, refusals under overload too (hundreds a second): the label
+        # children are looked up once per (model, route, status, reason) and kept, since
+        # prometheus_client's ``labels()`` validates and locks on every call.
+        key = (model, route, status, error_type)
+        children = self._request_children.get(key)
+        if children is None:
+            name = model or NO_MODEL
+            reason = _REASON_BY_ERROR_TYPE.get(error_type or "")
+            children = (self.requests.labels(name, route, str(status)), self.request_duration.labels(name, route),
+                        self.rejections.labels(name, reason) if reason is not None else None)
+            if len(self._request_children) < 10_000:  # label values are bounded; this is a backstop
+                self._request_children[key] = children
+        count, duration, rejection = children
+        count.inc()
+        duration.observe(seconds)
+        if rejection is not None:
+            rejection.inc()
 
     def observe_tokenization(self, model: str, seconds: float, tokens: int) -> None:
         self.tokenization.labels(model).observe(seconds)

@@ -17,11 +17,24 @@ from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import Overloaded, ServiceError
+from service.metrics import KSERVE_INFER_ROUTE, KSERVE_VERSION_INFER_ROUTE
 
 # Routes whose model is named in the JSON body ("model", or the default model when absent).
 BODY_NAMED = frozenset({"/v1/embeddings", "/embed", "/predict"})
 # KServe v2 names the model (and maybe the version) in the path.
 KSERVE_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]{1,9}))?/infer$")
+
+
+KSERVE_TEMPLATES = {False: KSERVE_INFER_ROUTE, True: KSERVE_VERSION_INFER_ROUTE}
+
+
+class _RouteTemplate:
+    """Stands in for the matched route in the scope (``route.path`` is what metrics read)."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str):
+        self.path = path
 
 
 class LoadShedder:
@@ -53,6 +66,9 @@ class LoadShedder:
                 from service.api.errors import error_response
 
                 scope.setdefault("state", {})["model"] = entry.name
+                # Refused before routing: name the route template the request was for, so its
+                # metrics and log line say which API was refused, not "unmatched".
+                scope["route"] = _RouteTemplate(path if not kserve else KSERVE_TEMPLATES[kserve.group(2) is not None])
                 request = Request(scope, receive)
                 response = error_response(request, exc.status_code, exc.type, exc.message, exc.headers)
                 return await response(scope, receive, send)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.api.common import encode_ids, encode_texts, model_entry, run, state
 from service.api.errors import ERROR_RESPONSES
 from service.errors import InvalidInput, ModelNotFound, NotReady
+from service.metrics import KSERVE_INFER_ROUTE, KSERVE_VERSION_INFER_ROUTE
 from service.outputs import softmax
 from service.registry import ModelEntry
 from service.tokenization import Encoded
@@ -491,5 +492,5 @@ async def infer_version(model: str, version: str, body: InferenceRequest, reques
     return await _infer(request, model, version, body)
 
 
-router.add_api_route("/v2/models/{model}/infer", infer, **_INFER_DOC)
-router.add_api_route("/v2/models/{model}/versions/{version}/infer", infer_version, **_INFER_DOC)
+router.add_api_route(KSERVE_INFER_ROUTE, infer, **_INFER_DOC)
+router.add_api_route(KSERVE_VERSION_INFER_ROUTE, infer_version, **_INFER_DOC)

@@ -147,3 +147,32 @@ def test_access_log_is_one_json_object_without_the_text(client, caplog):
     assert entry["request_id"] == "log-me" and entry["route"] == "/v1/embeddings"
     assert entry["model"] == "minilm" and entry["status"] == 200 and entry["duration_ms"] >= 0
     assert secret not in line
+
+
+def test_overload_refusals_are_logged_as_one_counted_line_per_second(tmp_path, caplog, monkeypatch):
+    from service.observability import RefusalLog
+
+    settings = ServiceSettings(model_store=tmp_path)
+    registry = make_registry(tmp_path, settings, {"minilm": FakeBackend(dim=8)})
+    batcher = registry.entries[("minilm", 1)].batcher
+    with TestClient(create_app(settings, registry=registry)) as client, \
+            caplog.at_level(logging.INFO, logger="bertserve.access"):
+        monkeypatch.setattr(type(batcher), "_saturated", lambda self, items: True)
+        assert {client.post("/v1/embeddings", json={"input": "hi"}).status_code for _ in range(20)} == {429}
+        client.post("/v1/embeddings", json={"input": "x", "model": "nope"})  # other errors: a line each
+    lines = [r.fields for r in caplog.records if r.name == "bertserve.access"]
+    # The 404 has its own line; the 20 refusals at most a counted line per second, never one each.
+    assert [line["status"] for line in lines if line["status"] != 429] == [404]
+    refusal_lines = [line for line in lines if line["status"] == 429]
+    assert len(refusal_lines) <= 2 and all(line["refused"] >= 1 for line in refusal_lines)
+
+    clock = iter([0.0, 0.2, 0.4, 1.1, 1.3]).__next__
+    log = RefusalLog(interval_s=1.0, clock=clock)
+    with caplog.at_level(logging.INFO, logger="bertserve.access"):
+        caplog.clear()
+        for _ in range(3):
+            log.note("minilm", "/v1/embeddings")
+        log.note("minilm", "/embed")
+    (line,) = [r.fields for r in caplog.records if r.name == "bertserve.access"]
+    assert line == {"route": "/v1/embeddings", "model": "minilm", "status": 429, "error_type": "overloaded",
+                    "refused": 3, "window_s": 1.1}

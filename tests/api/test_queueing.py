@@ -155,5 +155,9 @@ def test_saturated_model_is_refused_at_the_door_before_any_route_work(tmp_path, 
         assert client.post("/v1/embeddings", json={"input": "x", "model": "nope"}).status_code == 404
         metrics = client.get("/metrics").text
         assert 'bertserve_rejections_total{model="minilm",reason="overloaded"} 3.0' in metrics
+        # Counted under the route each was for, though refused before routing.
+        for route in ("/v1/embeddings", "/embed", "/v2/models/{model}/infer"):
+            assert f'bertserve_requests_total{{code="429",model="minilm",route="{route}"}} 1.0' in metrics, route
+        assert 'route="unmatched"' not in metrics
         monkeypatch.undo()
         assert client.post("/v1/embeddings", json={"input": "hello"}).status_code == 200

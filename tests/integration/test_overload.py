@@ -6,7 +6,6 @@ gets the right answer. The share of the unloaded maximum that stays accepted is 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import resource
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import orjson
 import pytest
 
-from bench.pressure import RssSampler, capacity, offered_load, rss_trend
+from bench.pressure import RssSampler, capacity, offered_load, rss_trend, run_client
 from bench.rawhttp import Connection
 from build_models.corpora import load_split
 from service.manifest import load_verified
@@ -85,13 +84,13 @@ def test_ten_times_capacity_is_refused_promptly_and_accepted_work_is_right(minil
             diff = float(np.abs(got - expected[index]).max())
             return None if diff < 1e-4 else f"text {index}: max abs diff {diff:.2e}"
 
-        unloaded = asyncio.run(capacity("127.0.0.1", port, requests, concurrency=16, seconds=8, check=check))
+        unloaded = run_client(capacity("127.0.0.1", port, requests, concurrency=16, seconds=8, check=check))
         assert {a.status for a in unloaded.answers if a.index not in bad_expected} == {"200"}
         cap = sum(a.status == "200" for a in unloaded.answers) / unloaded.seconds
 
         sampler = RssSampler(server.pid, interval_s=0.5)
         sampler.start()
-        loaded = asyncio.run(offered_load("127.0.0.1", port, requests, OVERLOAD_FACTOR * cap, OVERLOAD_S,
+        loaded = run_client(offered_load("127.0.0.1", port, requests, OVERLOAD_FACTOR * cap, OVERLOAD_S,
                                           max_outstanding=768, check=check))
         rss = rss_trend(sampler.stop())
         # Unloaded, each bad request gets its own 4xx; under overload the door may refuse it first
