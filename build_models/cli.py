@@ -77,9 +77,17 @@ def _build(args) -> int:
                 cfg.strategy = args.strategy
     world = World.from_env(timeout_s=args.dist_timeout)
     log = _stderr if world.is_main else (lambda msg: _stderr(f"[rank {world.rank}] {msg}"))
+    if world.distributed:
+        _say_why_when_stopped(world.rank)
     try:
         result = build(args.recipe, args.store, only=args.variants, allow_below_gate=args.allow_below_gate,
                        log=log, recipe=recipe, world=world)
+    except RuntimeError as exc:
+        if not world.distributed or isinstance(exc, BuildError) or not _lost_a_peer(exc):
+            raise
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise BuildError(f"rank {world.rank}: lost contact with another rank during the build ({first[:300]}); "
+                         f"a rank died or stopped answering: see its own error. Nothing was published") from None
     finally:
         world.close()
     if not world.is_main:
@@ -92,6 +100,34 @@ def _build(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+# What torch.distributed's backends (gloo, nccl, TensorPipe RPC) say when the other side is gone.
+_PEER_FAILURE_MARKS = ("connection reset", "connection closed", "connection refused", "timed out", "timeout",
+                       "broken pipe", "gloo", "nccl", "tensorpipe", "eof", "peer", "rpc")
+
+
+def _lost_a_peer(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return any(mark in text for mark in _PEER_FAILURE_MARKS)
+
+
+def _say_why_when_stopped(rank: int) -> None:
+    """torchrun ends the other ranks with SIGTERM when one fails: say so on each of them, instead of
+    vanishing without a word (torchrun's own summary names the rank that failed first)."""
+    import signal
+
+    def stopped(signum, _frame):
+        _stderr(f"[rank {rank}] stopped: the launcher ended this rank ({signal.Signals(signum).name}), most often "
+                f"because another rank failed; see that rank's error above or torchrun's 'Root Cause'. "
+                f"Nothing was published")
+        os._exit(128 + signum)  # no cleanup: collectives with a dead peer could block it
+
+    signal.signal(signal.SIGTERM, stopped)
 
 
 def _stderr(msg: str) -> None:

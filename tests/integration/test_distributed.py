@@ -98,6 +98,26 @@ def test_ranks_that_disagree_on_the_recipe_stop_before_training(dropout_free_sou
     assert not (tmp_path / "store" / "student").exists()
 
 
+def test_a_rank_that_dies_mid_run_ends_the_build_with_a_message_not_a_hang(dropout_free_source, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", dropout_free_source)
+    # Rank 1 vanishes after its second step, as a killed or crashed machine would, without a word.
+    launcher = tmp_path / "dies.py"
+    launcher.write_text("import os, sys\nfrom build_models.cli import main\nfrom build_models.training import loop\n"
+                        "if os.environ['RANK'] == '1':\n"
+                        "    loop.after_step = lambda step: os._exit(3) if step == 2 else None\n"
+                        "sys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*TORCHRUN, str(launcher), "build", str(recipe), "--store", str(tmp_path / "store"),
+                           "--dist-timeout", "60"], env=env, capture_output=True, text=True, timeout=240)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out[-3000:]
+    # The survivor says why it stops: it lost its peer, or torchrun ended it after the failure.
+    assert ("rank 0: lost contact with another rank" in out
+            or "[rank 0] stopped: the launcher ended this rank" in out), out[-3000:]
+    assert "exitcode  : 3" in out  # torchrun's summary names the rank that failed first
+    assert not (tmp_path / "store" / "student").exists()
+
+
 def test_world_checks_fail_fast_without_processes():
     two = World(rank=0, size=2, backend=None)  # what each rank of a torchrun world of 2 sees
     with pytest.raises(BuildError, match="batch_size 9 does not split evenly over 2 ranks"):
