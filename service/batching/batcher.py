@@ -93,7 +93,10 @@ class Batcher:
         self._queue: list[WorkItem] = []  # arrival order; guarded by _cond
         self._closing = False  # no new submits; workers exit once the queue is empty
         self._halted = False  # workers exit now, queue or not
-        self._infer_ewma_s: float | None = None
+        # Recent inference seconds per item (batch time / batch size). Per item, not per batch: under
+        # load, length bucketing (max_padding_ratio) and the token budget make batches far smaller than
+        # max_batch_size, and a per-batch estimate took the queue for a quarter of its real wait.
+        self._item_ewma_s: float | None = None
         self._busy = 0  # workers inside inference; guarded by _cond
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -232,9 +235,7 @@ class Batcher:
 
     def _queue_wait_s(self) -> float:
         """Estimated time until the queue as it stands is taken by the workers; lock held."""
-        per_batch_s = self._infer_ewma_s or 0.0
-        batches = math.ceil(len(self._queue) / self.limits.max_batch_size)
-        return batches * per_batch_s / len(self._infer_fns)
+        return len(self._queue) * (self._item_ewma_s or 0.0) / len(self._infer_fns)
 
     def _retry_after_s(self) -> int:
         """Whole seconds until the current queue is likely worked off; called with the lock held."""
@@ -375,12 +376,9 @@ class Batcher:
             return
         infer_s = time.monotonic() - started
         with self._cond:
-            previous = self._infer_ewma_s
-            if previous is not None:
-                infer_s_mean = previous + _EWMA_ALPHA * (infer_s - previous)
-            else:
-                infer_s_mean = infer_s
-            self._infer_ewma_s = infer_s_mean
+            per_item_s = infer_s / len(batch)
+            previous = self._item_ewma_s
+            self._item_ewma_s = per_item_s if previous is None else previous + _EWMA_ALPHA * (per_item_s - previous)
         self._post(self._deliver, batch, results, taken_at, infer_s)
         self._emit(
             "batch",

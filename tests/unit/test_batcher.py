@@ -126,15 +126,17 @@ def test_queue_full_raises_overloaded_with_retry_after_and_enqueues_nothing():
 def test_queue_wait_limit_refuses_at_once_while_the_queue_would_take_too_long():
     async def main():
         gate = Gate()
-        one = BatchLimits(max_batch_size=1, max_batch_tokens=10_000, max_queue_delay_s=0.0)
+        # Batches of one item, as the token budget allows, though max_batch_size is 32: the estimate
+        # must count items, not max_batch_size-sized batches (that took 10 items for one batch).
+        one = BatchLimits(max_batch_size=32, max_batch_tokens=4, max_queue_delay_s=0.0)
         batcher = Batcher("m", [gate], one, max_queue_items=1000, max_queue_wait_s=2.5)
-        batcher._infer_ewma_s = 1.0  # as if each batch had taken a second
+        batcher._item_ewma_s = 1.0  # as if each item had taken a second
         batcher.start()
         busy = asyncio.create_task(batcher.submit(payloads(1)))
         await gate.wait_entered()
         big = asyncio.create_task(batcher.submit(payloads(*range(10, 20))))  # empty queue: always admitted
         await wait_for_depth(batcher, 10)
-        with pytest.raises(errors.Overloaded) as info:  # 10 queued batches of ~1 s > 2.5 s
+        with pytest.raises(errors.Overloaded) as info:  # 10 queued items of ~1 s > 2.5 s
             await batcher.submit(payloads(2))
         assert int(info.value.headers["Retry-After"]) >= 10
         with pytest.raises(errors.Overloaded):
