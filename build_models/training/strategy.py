@@ -16,6 +16,8 @@ from build_models.recipe import Strategy
 from build_models.training.distributed import World
 
 STRATEGIES = get_args(Strategy)
+# Config fields that choose how a run is spread, not what it trains: left out of checkpoint keys.
+STRATEGY_OPTIONS = {"progress", "strategy", "parameter_server_mode", "max_staleness"}
 
 
 class Single:
