@@ -26,6 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--strategy", choices=get_args(Strategy),
                    help="how training steps (distill, finetune) spread over the processes; overrides the "
                         "recipe. auto: ddp under torchrun with several processes, else single")
+    b.add_argument("--parameter-server-mode", choices=["sync", "async"],
+                   help="under --strategy parameter_server: sync (one averaged update per global batch, the "
+                        "same updates as one process) or async (each trainer's push applied as it comes); "
+                        "overrides the recipe")
+    b.add_argument("--max-staleness", type=int, metavar="N",
+                   help="async parameter server: refuse a gradient computed on parameters more than N "
+                        "updates old (the trainer recomputes it); overrides the recipe")
     b.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others (joining, each collective) "
                         "before the build fails instead of hanging (default 1800)")
@@ -71,10 +78,14 @@ def _build(args) -> int:
 
     _quiet_libraries()
     recipe = load_recipe(args.recipe)
-    if args.strategy:
-        for cfg in [*recipe.teacher, *(s for v in recipe.variants for s in v.steps)]:
-            if hasattr(cfg, "strategy"):
-                cfg.strategy = args.strategy
+    if args.max_staleness is not None and args.max_staleness < 0:
+        raise BuildError(f"--max-staleness must be 0 or more, got {args.max_staleness}")
+    overrides = {"strategy": args.strategy, "parameter_server_mode": args.parameter_server_mode,
+                 "max_staleness": args.max_staleness}
+    for cfg in [*recipe.teacher, *(s for v in recipe.variants for s in v.steps)]:
+        for field, value in overrides.items():
+            if value is not None and hasattr(cfg, field):
+                setattr(cfg, field, value)
     world = World.from_env(timeout_s=args.dist_timeout)
     log = _stderr if world.is_main else (lambda msg: _stderr(f"[rank {world.rank}] {msg}"))
     if world.distributed:

@@ -121,6 +121,12 @@ class TrainingConfig(_Strict):
     # adamw for builds; sgd (plain, no momentum) to compare strategies update for update
     optimizer: Literal["adamw", "sgd"] = "adamw"
     strategy: Strategy = "auto"
+    # parameter_server only (build_models/training/parameter_server.py). sync: the server applies the
+    # averaged gradient once every trainer has pushed its shard (same updates as one process); async:
+    # it applies each trainer's push as it comes, refusing a push computed on parameters more than
+    # max_staleness server updates old (the trainer then refetches and recomputes).
+    parameter_server_mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = Field(2, ge=0)
 
 
 class FinetuneConfig(TrainingConfig):

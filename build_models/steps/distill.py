@@ -27,7 +27,7 @@ from build_models.modeling import EmbeddingModel, encoder_config, encoder_layers
 from build_models.recipe import DistillConfig
 from build_models.training.data import training_texts
 from build_models.training.loop import checkpoint_key, train
-from build_models.training.strategy import resolve_strategy
+from build_models.training.strategy import STRATEGY_OPTIONS, resolve_strategy
 
 
 def student_layers(cfg: DistillConfig, teacher_layers: int) -> list[int]:
@@ -161,7 +161,7 @@ def run(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact,
     teacher = teacher.to(world.device)
     checkpoint = None
     if ctx.checkpoint_dir is not None:
-        key = checkpoint_key(cfg.model_dump(exclude={"progress", "strategy"}), keep,
+        key = checkpoint_key(cfg.model_dump(exclude=STRATEGY_OPTIONS), keep,
                              str(ctx.source.path if ctx.source else ""), start_from, teacher)
         checkpoint = ctx.checkpoint_dir / f"distill-{key}.pt"
 

@@ -18,7 +18,7 @@ from build_models.modeling import ClassificationModel
 from build_models.recipe import FinetuneConfig
 from build_models.training.data import training_texts
 from build_models.training.loop import checkpoint_key, train
-from build_models.training.strategy import resolve_strategy
+from build_models.training.strategy import STRATEGY_OPTIONS, resolve_strategy
 
 
 def run(cfg: FinetuneConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact, dict]:
@@ -44,7 +44,7 @@ def run(cfg: FinetuneConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact
         p.requires_grad_(True)
     checkpoint = None
     if ctx.checkpoint_dir is not None:
-        key = checkpoint_key(cfg.model_dump(exclude={"progress", "strategy"}), str(ctx.source.path), names)
+        key = checkpoint_key(cfg.model_dump(exclude=STRATEGY_OPTIONS), str(ctx.source.path), names)
         checkpoint = ctx.checkpoint_dir / f"finetune-{key}.pt"
 
     def loss_fn(forward: nn.Module, rows: list[int]) -> torch.Tensor:

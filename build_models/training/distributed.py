@@ -24,6 +24,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     backend: str | None = None  # None: no process group (one process)
+    timeout_s: float = 1800.0  # how long a rank waits for the others (--dist-timeout)
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +57,7 @@ class World:
         except (RuntimeError, ValueError) as exc:
             raise BuildError(f"rank {rank}: cannot join the torchrun group of {size} "
                              f"({str(exc).splitlines()[0]})") from None
-        return cls(rank=rank, size=size, local_rank=local_rank, backend=backend)
+        return cls(rank=rank, size=size, local_rank=local_rank, backend=backend, timeout_s=timeout_s)
 
     @property
     def device(self):

@@ -34,6 +34,7 @@ class TrainOutcome:
     strategy: str = "single"
     world_size: int = 1
     rows_per_rank: int = 0  # examples of each global batch this rank computed
+    extra: dict = field(default_factory=dict)  # what a strategy records about itself (mode, traffic, ...)
 
     def summary(self) -> dict:
         window = max(1, min(10, len(self.losses) // 4))
@@ -41,7 +42,7 @@ class TrainOutcome:
                 "loss_first": round(sum(self.losses[:window]) / window, 6),
                 "loss_last": round(sum(self.losses[-window:]) / window, 6),
                 "seconds": round(self.seconds, 1), "strategy": self.strategy, "world_size": self.world_size,
-                "rows_per_rank": self.rows_per_rank}
+                "rows_per_rank": self.rows_per_rank, **self.extra}
 
 
 def global_rows(step: int, n_examples: int, batch_size: int, seed: int) -> list[int]:
@@ -149,11 +150,14 @@ class TrainSession:
             raise BuildError(f"{self.name}: the loss became {value} at step {step + 1}; lower learning_rate "
                              f"(now {self.cfg.learning_rate})")
 
-    def apply(self) -> None:
-        """One optimiser update from the gradients now in ``.grad`` (clipped to norm 1)."""
+    def apply(self, schedule: bool = True) -> None:
+        """One optimiser update from the gradients now in ``.grad`` (clipped to norm 1), then one
+        learning-rate schedule step unless ``schedule`` is false (a strategy that makes several
+        updates per global batch steps the schedule once per batch itself)."""
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
-        self.scheduler.step()
+        if schedule:
+            self.scheduler.step()
 
     def finish_step(self, step: int, value: float) -> None:
         """Record the step's loss, show progress, checkpoint on rank 0, call ``after_step``."""

@@ -1,8 +1,11 @@
 """How a training step spreads its work over the world: one interface, one class per strategy.
 
-A strategy decides which rows of each global batch this rank computes and how the gradients of all
-ranks are combined; the loop in ``loop.py`` is the same for every strategy, so every strategy trains
-the same kind of model from the same data.
+A strategy's ``fit(session)`` walks the training steps of a ``TrainSession`` (``loop.py``): it decides
+which rank computes which rows of each global batch, how their gradients meet, and who applies the
+update; the data order, optimiser, schedule, NaN guard and checkpoints are the session's and the same
+for every strategy, so every strategy trains the same kind of model from the same data.
+single and ddp live here; parameter_server (one server rank holding the parameters and optimiser,
+trainer ranks over torch.distributed.rpc) in ``parameter_server.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from build_models.recipe import Strategy
 from build_models.training.distributed import World
 
 STRATEGIES = get_args(Strategy)
+# Config fields that choose how a run is spread, not what it trains: left out of checkpoint keys.
+STRATEGY_OPTIONS = {"progress", "strategy", "parameter_server_mode", "max_staleness"}
 
 
 class Single:
@@ -72,8 +77,12 @@ def resolve_strategy(name: str, world: World, batch_size: int, step: str):
     """The strategy object for a step, checked against the world before any training starts."""
     if name not in STRATEGIES:
         raise BuildError(f"{step}: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
-    if name in ("parameter_server", "pipeline"):
+    if name == "pipeline":
         raise BuildError(f"{step}: strategy {name!r} is not available yet")
+    if name == "parameter_server":
+        from build_models.training.parameter_server import ParameterServer
+
+        return ParameterServer.for_world(world, batch_size, step)
     if name == "auto":
         name = "ddp" if world.size > 1 else "single"
     if name == "single" and world.size > 1:
