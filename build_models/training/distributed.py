@@ -90,6 +90,16 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj: Any) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        box: list = [None] * self.size
+        dist.all_gather_object(box, obj)
+        return box
+
     def mean(self, value: float) -> float:
         """The mean of ``value`` over the ranks (every rank gets it)."""
         if not self.distributed:

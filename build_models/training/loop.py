@@ -113,6 +113,8 @@ def train(name: str, cfg, model: nn.Module, forward: nn.Module, n_examples: int,
         strategy.fit(session)
     finally:
         session.bar.close()
+    # Peak resident memory of every rank (the whole process: model, teacher, optimiser, traffic buffers).
+    outcome.extra["peak_rss_mb_per_rank"] = [round(mb, 1) for mb in world.gather(_peak_rss_mb())]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -171,6 +173,14 @@ class TrainSession:
                                     "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
                                     "step": done, "losses": self.outcome.losses})
         after_step(done)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _save(path: Path, state: dict) -> None:

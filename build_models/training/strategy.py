@@ -64,9 +64,31 @@ class DataParallel(Single):
 
         if not self.world.distributed:
             return module  # a world of one: DDP would only add copies
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
         device_ids = [self.world.local_rank] if self.world.backend == "nccl" else None
         # DDP broadcasts rank 0's parameters and buffers here, so every rank starts identical.
-        return DistributedDataParallel(module, device_ids=device_ids)
+        ddp = DistributedDataParallel(module, device_ids=device_ids)
+
+        def counting_allreduce(state, bucket):
+            # DDP's own all-reduce, with the bytes of each gradient bucket counted on the way.
+            buffer = bucket.buffer()
+            self.payload_bytes += buffer.numel() * buffer.element_size()
+            return allreduce_hook(state, bucket)
+
+        self.payload_bytes = 0
+        ddp.register_comm_hook(None, counting_allreduce)
+        return ddp
+
+    def fit(self, session) -> None:
+        super().fit(session)
+        steps = session.outcome.total_steps - session.outcome.resumed_at_step
+        if self.world.distributed and steps:
+            # A ring all-reduce of S bytes sends 2(N-1)/N x S from every rank: 2(N-1) x S over the
+            # network per step, comparable with the parameter server's fetches plus pushes.
+            per_rank = self.payload_bytes / steps
+            session.outcome.extra.update(allreduce_bytes_per_rank=int(per_rank),
+                                         bytes_per_step=int(per_rank * 2 * (self.world.size - 1)))
 
     def shard(self, rows: list[int]) -> list[int]:
         per_rank = len(rows) // self.world.size

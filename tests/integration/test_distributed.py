@@ -77,6 +77,10 @@ def test_two_ranks_train_the_same_student_as_one_process(dropout_free_source, tm
     details = {s.name: s.details for s in load_verified(tmp_path / "two" / "student" / "1").lineage.steps}
     assert details["distill"]["strategy"] == "ddp" and details["distill"]["world_size"] == 2
     assert details["distill"]["rows_per_rank"] == 4  # each rank computed half of every batch of 8
+    # Every gradient crossed once per step: 4 bytes x parameters per rank, 2(N-1) of that on the wire.
+    assert details["distill"]["allreduce_bytes_per_rank"] == 4 * details["distill"]["params"]
+    assert details["distill"]["bytes_per_step"] == 2 * 4 * details["distill"]["params"]
+    assert len(details["distill"]["peak_rss_mb_per_rank"]) == 2 and min(details["distill"]["peak_rss_mb_per_rank"]) > 50
     single_details = {s.name: s.details for s in load_verified(tmp_path / "one" / "student" / "1").lineage.steps}
     assert single_details["distill"]["strategy"] == "single" and single_details["distill"]["rows_per_rank"] == 8
     assert abs(details["distill"]["loss_last"] - single_details["distill"]["loss_last"]) < 1e-4
