@@ -16,6 +16,9 @@ from build_models.recipe import Strategy
 from build_models.training.distributed import World
 
 STRATEGIES = get_args(Strategy)
+# Settings that decide how a training step is spread, never what it computes: left out of checkpoint
+# keys, so a run may resume another strategy's checkpoint.
+NOT_IN_RESULT = {"progress", "strategy", "micro_batches", "pipeline_schedule"}
 
 
 class Single:
@@ -68,8 +71,12 @@ class DataParallel(Single):
         return rows[self.world.rank * per_rank:(self.world.rank + 1) * per_rank]
 
 
-def resolve_strategy(name: str, world: World, batch_size: int, step: str):
-    """The strategy object for a step, checked against the world before any training starts."""
+def resolve_strategy(name: str, world: World, batch_size: int, step: str, *, layers: int | None = None,
+                     micro_batches: int = 1, schedule: str = "gpipe"):
+    """The strategy object for a step, checked against the world before any training starts.
+
+    ``layers``: the trained model's transformer layers (a pipeline puts at least one on each stage);
+    ``micro_batches`` and ``schedule``: the pipeline's (recipe fields of the same names)."""
     if name not in STRATEGIES:
         raise BuildError(f"{step}: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
     if name in ("parameter_server", "pipeline"):
