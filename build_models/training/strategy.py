@@ -79,8 +79,13 @@ def resolve_strategy(name: str, world: World, batch_size: int, step: str, *, lay
     ``micro_batches`` and ``schedule``: the pipeline's (recipe fields of the same names)."""
     if name not in STRATEGIES:
         raise BuildError(f"{step}: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
-    if name in ("parameter_server", "pipeline"):
+    if name == "parameter_server":
         raise BuildError(f"{step}: strategy {name!r} is not available yet")
+    if name == "pipeline":
+        from build_models.training.pipeline_parallel import PipelineParallel
+
+        PipelineParallel.check(world, batch_size, step, layers, micro_batches, schedule)
+        return PipelineParallel(world, micro_batches, schedule)
     if name == "auto":
         name = "ddp" if world.size > 1 else "single"
     if name == "single" and world.size > 1:
