@@ -26,6 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--strategy", choices=get_args(Strategy),
                    help="how training steps (distill, finetune) spread over the processes; overrides the "
                         "recipe. auto: ddp under torchrun with several processes, else single")
+    b.add_argument("--micro-batches", type=int, metavar="N",
+                   help="strategy pipeline: micro-batches per global batch (batch_size must divide by N); "
+                        "overrides the recipe")
+    b.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b"],
+                   help="strategy pipeline: the order of micro-batch forwards and backwards; overrides the recipe")
     b.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others (joining, each collective) "
                         "before the build fails instead of hanging (default 1800)")
@@ -71,10 +76,12 @@ def _build(args) -> int:
 
     _quiet_libraries()
     recipe = load_recipe(args.recipe)
-    if args.strategy:
-        for cfg in [*recipe.teacher, *(s for v in recipe.variants for s in v.steps)]:
-            if hasattr(cfg, "strategy"):
-                cfg.strategy = args.strategy
+    overrides = {"strategy": args.strategy, "micro_batches": args.micro_batches,
+                 "pipeline_schedule": args.pipeline_schedule}
+    for cfg in [*recipe.teacher, *(s for v in recipe.variants for s in v.steps)]:
+        for field, value in overrides.items():
+            if value is not None and hasattr(cfg, field):
+                setattr(cfg, field, value)
     world = World.from_env(timeout_s=args.dist_timeout)
     log = _stderr if world.is_main else (lambda msg: _stderr(f"[rank {world.rank}] {msg}"))
     try:
