@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-staleness", type=int, metavar="N",
                    help="async parameter server: refuse a gradient computed on parameters more than N "
                         "updates old (the trainer recomputes it); overrides the recipe")
+    b.add_argument("--micro-batches", type=int, metavar="N",
+                   help="strategy pipeline: micro-batches per global batch (batch_size must divide by N); "
+                        "overrides the recipe")
+    b.add_argument("--pipeline-schedule", choices=["gpipe", "1f1b"],
+                   help="strategy pipeline: the order of micro-batch forwards and backwards; overrides the recipe")
     b.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others (joining, each collective) "
                         "before the build fails instead of hanging (default 1800)")
@@ -81,7 +86,8 @@ def _build(args) -> int:
     if args.max_staleness is not None and args.max_staleness < 0:
         raise BuildError(f"--max-staleness must be 0 or more, got {args.max_staleness}")
     overrides = {"strategy": args.strategy, "parameter_server_mode": args.parameter_server_mode,
-                 "max_staleness": args.max_staleness}
+                 "max_staleness": args.max_staleness, "micro_batches": args.micro_batches,
+                 "pipeline_schedule": args.pipeline_schedule}
     for cfg in [*recipe.teacher, *(s for v in recipe.variants for s in v.steps)]:
         for field, value in overrides.items():
             if value is not None and hasattr(cfg, field):

@@ -30,17 +30,22 @@ class EmbeddingModel(nn.Module):
 
     def pool(self, hidden, attention_mask):
         """Token states -> the sentence embedding (pooling, then normalization when asked)."""
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        elif self.pooling == "max":
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden + (mask - 1.0) * 1e9).max(dim=1).values
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        if self.normalize:
-            pooled = pooled / pooled.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-12)
-        return pooled
+        return pool(hidden, attention_mask, self.pooling, self.normalize)
+
+
+def pool(hidden, attention_mask, pooling: str, normalize: bool):
+    """Token states -> the sentence embedding; also a pipeline's last stage, which holds no EmbeddingModel."""
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    elif pooling == "max":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden + (mask - 1.0) * 1e9).max(dim=1).values
+    else:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    if normalize:
+        pooled = pooled / pooled.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-12)
+    return pooled
 
 
 class ClassificationModel(nn.Module):

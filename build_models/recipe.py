@@ -111,7 +111,7 @@ class TrainingConfig(_Strict):
 
     dataset: Dataset = "reuters-r8"  # its train split only, never the evaluation split
     epochs: int = Field(1, ge=1)
-    batch_size: int = Field(16, ge=1)  # the global batch, split over the ranks under ddp
+    batch_size: int = Field(16, ge=1)  # the global batch: split over the ranks (ddp) or micro-batches (pipeline)
     learning_rate: float = Field(1e-4, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_seq_len: int = Field(128, ge=8)
@@ -127,6 +127,11 @@ class TrainingConfig(_Strict):
     # max_staleness server updates old (the trainer then refetches and recomputes).
     parameter_server_mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(2, ge=0)
+    # pipeline only: how each global batch is cut into micro-batches that flow through the stages, and
+    # their order (gpipe: all forwards, then all backwards; 1f1b: interleaved, fewer live activations).
+    # batch_size must divide by micro_batches; 1f1b needs at least one micro-batch per stage.
+    pipeline_schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    micro_batches: int = Field(4, ge=1)
 
 
 class FinetuneConfig(TrainingConfig):

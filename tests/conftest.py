@@ -82,6 +82,16 @@ def mixed_batch():
     ]
 
 
+def tiny_recipe(source: Path, variants: list[dict]) -> dict:
+    """A recipe for a tiny embedding checkpoint: an evaluation small enough for seconds, no gates."""
+    return {
+        "family": "tiny", "source": {"path": str(source)}, "task": "embedding", "max_seq_len": 64,
+        "evaluation": {"probe_train_samples": 40, "probe_test_samples": 40, "latency_repeats": 1},
+        "gates": {"downstream_retention": None, "mean_cosine": None},
+        "variants": variants,
+    }
+
+
 def build_tiny_store(tmp: Path, source: Path, variants: list[dict]) -> Path:
     """Publish ``variants`` of the tiny embedding checkpoint at ``source`` into ``tmp/store``, with an
     evaluation small enough for seconds and no gates."""
@@ -90,12 +100,7 @@ def build_tiny_store(tmp: Path, source: Path, variants: list[dict]) -> Path:
     from build_models.pipeline import build
 
     recipe = tmp / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "family": "tiny", "source": {"path": str(source)}, "task": "embedding", "max_seq_len": 64,
-        "evaluation": {"probe_train_samples": 40, "probe_test_samples": 40, "latency_repeats": 1},
-        "gates": {"downstream_retention": None, "mean_cosine": None},
-        "variants": variants,
-    }))
+    recipe.write_text(yaml.safe_dump(tiny_recipe(source, variants)))
     build(recipe, tmp / "store", log=lambda _m: None)
     return tmp / "store"
 

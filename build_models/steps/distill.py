@@ -11,7 +11,7 @@ bundled corpus's train split (never the evaluation split):
 A progress bar shows step, loss and time left. Checkpoints (student, optimizer, scheduler, RNG, step)
 are written every `checkpoint_every` steps under the build's checkpoint folder, keyed by everything that
 decides the result, so an interrupted build resumes where it stopped and ends with the same weights.
-Under torchrun the same step trains data-parallel (build_models/training/strategy.py).
+Under torchrun the same step trains data-parallel or as a pipeline of stages (build_models/training/).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from build_models.artifact import Artifact, BuildContext
 from build_models.errors import BuildError
 from build_models.modeling import EmbeddingModel, encoder_config, encoder_layers, inner_model
 from build_models.recipe import DistillConfig
-from build_models.training.data import training_texts
-from build_models.training.loop import checkpoint_key, train
-from build_models.training.strategy import STRATEGY_OPTIONS, resolve_strategy
+from build_models.training.data import tokenize_rows, training_texts
+from build_models.training.loop import StagedTask, checkpoint_key, train
+from build_models.training.strategy import NOT_IN_RESULT, resolve_strategy
 
 
 def student_layers(cfg: DistillConfig, teacher_layers: int) -> list[int]:
@@ -74,8 +74,9 @@ def _label_ids(model: nn.Module, corpus_labels: list[str]) -> list[int] | None:
 
 
 class StudentForward(nn.Module):
-    """The student's forward as one module call (what DDP wraps): the sentence embedding or logits,
-    and the hidden states when the hidden-state loss needs them."""
+    """The student's forward as one module call (what DDP wraps): the sentence embedding or logits;
+    with ``hidden``, (embedding, each student layer's hidden states...) for the hidden-state loss,
+    the same output a pipeline's last stage gives."""
 
     def __init__(self, student: nn.Module, hidden: bool):
         super().__init__()
@@ -83,13 +84,15 @@ class StudentForward(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         if not isinstance(self.student, EmbeddingModel):
-            return self.student(input_ids, attention_mask, token_type_ids), None
+            return self.student(input_ids, attention_mask, token_type_ids)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "return_dict": True,
                   "output_hidden_states": self.hidden}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         out = self.student.encoder(**kwargs)
-        return self.student.pool(out.last_hidden_state, attention_mask), out.hidden_states
+        pooled = self.student.pool(out.last_hidden_state, attention_mask)
+        # hidden_states[0] is the embeddings' output; the loss compares the layers' outputs.
+        return (pooled, *out.hidden_states[1:]) if self.hidden else pooled
 
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -100,35 +103,70 @@ def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.T
     return per_sequence.mean()
 
 
-def _loss(cfg: DistillConfig, forward: nn.Module, teacher: nn.Module, batch, labels, keep: list[int]) -> torch.Tensor:
-    ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-    s_out, s_hidden = forward(ids, mask, types)
-    if isinstance(teacher, EmbeddingModel):
-        kwargs = {"input_ids": ids, "attention_mask": mask, "output_hidden_states": cfg.hidden_loss_weight > 0,
+class DistillTask(StagedTask):
+    """The distillation loss in parts (loop.StagedTask): the teacher's outputs are the target.
+
+    Embedding models: target = the teacher's sentence embeddings, and with the hidden-state loss also
+    the attention mask and the teacher's hidden states of the kept layers, packed into one [B, N]
+    tensor so a pipeline schedule can split it into micro-batches. Classifiers: the teacher's logits,
+    plus the label as a float column when the cross-entropy term applies."""
+
+    def __init__(self, cfg: DistillConfig, teacher: nn.Module, keep: list[int], tokenizer, texts: list[str],
+                 label_ids: list[int] | None, device):
+        self.cfg, self.teacher, self.keep, self.tokenizer, self.texts = cfg, teacher, keep, tokenizer, texts
+        self.label_ids, self.device = label_ids, device
+        self.embedding = isinstance(teacher, EmbeddingModel)
+        self.carry_hidden = self.embedding and cfg.hidden_loss_weight > 0
+        self.use_labels = not self.embedding and label_ids is not None and cfg.ce_weight > 0
+
+    def inputs(self, rows: list[int]):
+        return tokenize_rows(self.tokenizer, self.texts, rows, self.cfg.max_seq_len, self.device)
+
+    @torch.no_grad()
+    def target(self, rows: list[int], inputs) -> torch.Tensor:
+        ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids")
+        if not self.embedding:
+            t_logits = self.teacher(ids, mask, types)
+            if not self.use_labels:
+                return t_logits
+            labels = torch.tensor([self.label_ids[i] for i in rows], device=t_logits.device, dtype=t_logits.dtype)
+            return torch.cat([t_logits, labels.unsqueeze(1)], dim=1)  # class ids are exact in float32
+        kwargs = {"input_ids": ids, "attention_mask": mask, "output_hidden_states": self.carry_hidden,
                   "return_dict": True}
         if types is not None:
             kwargs["token_type_ids"] = types
-        with torch.no_grad():
-            t_out = teacher.encoder(**kwargs)
-            t_emb = teacher.pool(t_out.last_hidden_state, mask)
+        t_out = self.teacher.encoder(**kwargs)
+        t_emb = self.teacher.pool(t_out.last_hidden_state, mask)
+        if not self.carry_hidden:
+            return t_emb
+        # Student layer j mimics teacher layer keep[j] (hidden_states[0] is the embeddings' output).
+        hidden = torch.stack([t_out.hidden_states[k + 1] for k in self.keep], dim=1)  # [B, L, T, H]
+        return torch.cat([t_emb, mask.to(t_emb.dtype), hidden.flatten(1)], dim=1)
+
+    def loss(self, output, target: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        s_out, *s_hidden = output if isinstance(output, tuple) else (output,)
+        width = s_out.shape[-1]
+        if not self.embedding:
+            t = cfg.temperature
+            loss = nn.functional.kl_div(nn.functional.log_softmax(s_out / t, dim=-1),
+                                        nn.functional.softmax(target[:, :width] / t, dim=-1),
+                                        reduction="batchmean") * t * t
+            if self.use_labels:
+                loss = loss + cfg.ce_weight * nn.functional.cross_entropy(s_out, target[:, width].long())
+            return loss
+        t_emb = target[:, :width]
         if cfg.loss == "cosine":
             loss = (1 - nn.functional.cosine_similarity(s_out, t_emb, dim=-1)).mean()
         else:
             loss = nn.functional.mse_loss(s_out, t_emb)
-        if cfg.hidden_loss_weight > 0:
-            # hidden_states[0] are the embeddings; student layer j mimics teacher layer keep[j].
-            hidden = sum(_masked_mse(s_hidden[j + 1], t_out.hidden_states[k + 1], mask)
-                         for j, k in enumerate(keep)) / len(keep)
+        if self.carry_hidden:
+            rows, length, size = s_hidden[0].shape
+            mask = target[:, width:width + length]
+            t_hidden = target[:, width + length:].view(rows, len(self.keep), length, size)
+            hidden = sum(_masked_mse(s, t_hidden[:, j], mask) for j, s in enumerate(s_hidden)) / len(self.keep)
             loss = loss + cfg.hidden_loss_weight * hidden
         return loss
-    with torch.no_grad():
-        t_logits = teacher(ids, mask, types)
-    t = cfg.temperature
-    loss = nn.functional.kl_div(nn.functional.log_softmax(s_out / t, dim=-1),
-                                nn.functional.softmax(t_logits / t, dim=-1), reduction="batchmean") * t * t
-    if labels is not None and cfg.ce_weight > 0:
-        loss = loss + cfg.ce_weight * nn.functional.cross_entropy(s_out, labels)
-    return loss
 
 
 def _teacher(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> nn.Module:
@@ -144,13 +182,14 @@ def run(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact,
     if art.precision != "fp32":
         raise BuildError("distill trains in fp32: put quantize after it")
     world = ctx.world
-    strategy = resolve_strategy(cfg.strategy, world, cfg.batch_size, "distill")
     teacher = _teacher(cfg, art, ctx).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     start_from = art.module
     depth = len(encoder_layers(start_from, "distill"))
     keep = student_layers(cfg, depth)
+    strategy = resolve_strategy(cfg.strategy, world, cfg.batch_size, "distill", layers=len(keep),
+                                micro_batches=cfg.micro_batches, schedule=cfg.pipeline_schedule)
     teacher_depth = len(encoder_layers(teacher, "distill"))
     if cfg.hidden_loss_weight > 0 and teacher_depth != depth:
         raise BuildError(f"distill: the hidden-state loss maps student layers to teacher layers by index, but the "
@@ -161,18 +200,13 @@ def run(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact,
     teacher = teacher.to(world.device)
     checkpoint = None
     if ctx.checkpoint_dir is not None:
-        key = checkpoint_key(cfg.model_dump(exclude=STRATEGY_OPTIONS), keep,
+        key = checkpoint_key(cfg.model_dump(exclude=NOT_IN_RESULT), keep,
                              str(ctx.source.path if ctx.source else ""), start_from, teacher)
         checkpoint = ctx.checkpoint_dir / f"distill-{key}.pt"
 
-    def loss_fn(forward: nn.Module, rows: list[int]) -> torch.Tensor:
-        batch = ctx.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                              max_length=cfg.max_seq_len, return_tensors="pt").to(world.device)
-        labels = torch.tensor([label_ids[i] for i in rows], device=world.device) if label_ids is not None else None
-        return _loss(cfg, forward, teacher, batch, labels, keep)
-
-    outcome = train("distill", cfg, student, StudentForward(student, cfg.hidden_loss_weight > 0), len(texts),
-                    loss_fn, world, strategy, checkpoint)
+    task = DistillTask(cfg, teacher, keep, ctx.tokenizer, texts, label_ids, world.device)
+    outcome = train("distill", cfg, student, StudentForward(student, task.carry_hidden), len(texts),
+                    task.loss_fn, world, strategy, checkpoint, task=task)
     student = student.cpu()
     teacher.cpu()
     details = {

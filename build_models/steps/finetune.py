@@ -16,9 +16,25 @@ from build_models.artifact import Artifact, BuildContext
 from build_models.errors import BuildError
 from build_models.modeling import ClassificationModel
 from build_models.recipe import FinetuneConfig
-from build_models.training.data import training_texts
-from build_models.training.loop import checkpoint_key, train
-from build_models.training.strategy import STRATEGY_OPTIONS, resolve_strategy
+from build_models.training.data import tokenize_rows, training_texts
+from build_models.training.loop import StagedTask, checkpoint_key, train
+from build_models.training.strategy import NOT_IN_RESULT, resolve_strategy
+
+
+class FinetuneTask(StagedTask):
+    """Cross-entropy on the corpus labels, in parts (loop.StagedTask): the target is the class ids."""
+
+    def __init__(self, cfg: FinetuneConfig, tokenizer, texts: list[str], targets: list[int], device):
+        self.cfg, self.tokenizer, self.texts, self.targets, self.device = cfg, tokenizer, texts, targets, device
+
+    def inputs(self, rows: list[int]):
+        return tokenize_rows(self.tokenizer, self.texts, rows, self.cfg.max_seq_len, self.device)
+
+    def target(self, rows: list[int], inputs) -> torch.Tensor:
+        return torch.tensor([self.targets[i] for i in rows], device=self.device)
+
+    def loss(self, output, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(output, target)
 
 
 def run(cfg: FinetuneConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact, dict]:
@@ -27,7 +43,9 @@ def run(cfg: FinetuneConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact
     if ctx.source is None:
         raise BuildError("finetune starts from the recipe's source checkpoint; none was given")
     world = ctx.world
-    strategy = resolve_strategy(cfg.strategy, world, cfg.batch_size, "finetune")
+    strategy = resolve_strategy(cfg.strategy, world, cfg.batch_size, "finetune",
+                                layers=ctx.source.config.get("num_hidden_layers"),
+                                micro_batches=cfg.micro_batches, schedule=cfg.pipeline_schedule)
     texts, labels = training_texts("finetune", cfg.dataset, cfg.samples, cfg.seed, cfg.batch_size)
     names = sorted(set(labels))
     if len(names) < 2:
@@ -44,18 +62,13 @@ def run(cfg: FinetuneConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact
         p.requires_grad_(True)
     checkpoint = None
     if ctx.checkpoint_dir is not None:
-        key = checkpoint_key(cfg.model_dump(exclude=STRATEGY_OPTIONS), str(ctx.source.path), names)
+        key = checkpoint_key(cfg.model_dump(exclude=NOT_IN_RESULT), str(ctx.source.path), names)
         checkpoint = ctx.checkpoint_dir / f"finetune-{key}.pt"
 
-    def loss_fn(forward: nn.Module, rows: list[int]) -> torch.Tensor:
-        batch = ctx.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                              max_length=cfg.max_seq_len, return_tensors="pt").to(world.device)
-        logits = forward(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-        return nn.functional.cross_entropy(logits, torch.tensor([targets[i] for i in rows], device=world.device))
-
+    task = FinetuneTask(cfg, ctx.tokenizer, texts, targets, world.device)
     head = [p for n, p in hf.named_parameters() if n.startswith(("classifier.", "bert.pooler.", "pooler."))]
-    outcome = train("finetune", cfg, model, model, len(texts), loss_fn, world, strategy, checkpoint,
-                    fast_params=head, fast_learning_rate=cfg.head_learning_rate)
+    outcome = train("finetune", cfg, model, model, len(texts), task.loss_fn, world, strategy, checkpoint,
+                    fast_params=head, fast_learning_rate=cfg.head_learning_rate, task=task)
     model = model.cpu()
     counts = {name: labels.count(name) for name in names}
     details = {"dataset": cfg.dataset, "texts": len(texts), "labels": names, "examples_per_label": counts,

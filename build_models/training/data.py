@@ -20,3 +20,9 @@ def training_texts(step: str, dataset: str, samples: int | None, seed: int, batc
     if len(pairs) < batch_size:
         raise BuildError(f"{step}: {len(pairs)} training texts in {dataset}; need at least one batch of {batch_size}")
     return [t for t, _ in pairs], [l for _, l in pairs]
+
+
+def tokenize_rows(tokenizer, texts: list[str], rows: list[int], max_seq_len: int, device):
+    """The texts at ``rows`` as one padded batch (to its longest text) on ``device``."""
+    return tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=max_seq_len,
+                     return_tensors="pt").to(device)

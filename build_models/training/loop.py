@@ -23,6 +23,40 @@ from build_models.training.distributed import World
 
 # (module to call, this rank's row indices) -> the mean loss over those rows
 LossFn = Callable[[nn.Module, list[int]], torch.Tensor]
+MAX_GRAD_NORM = 1.0
+
+
+class StagedTask:
+    """A training step's loss cut where a pipeline needs to cut it: the model's inputs, the target
+    and the loss of (model output, target), each usable on its own.
+
+    ``inputs`` runs on every rank (each tokenizes the global batch itself, so shapes are known
+    everywhere without messages); ``target`` only where the loss is computed (a pipeline's last
+    stage); ``loss`` must be a per-example mean over the rows of one (micro-)batch, so that equal
+    micro-batches average to the whole batch's loss and gradient. ``loss_fn`` puts the three together
+    for the strategies that run the whole model in one process (single, ddp)."""
+
+    # The loss needs every student layer's hidden states: the model (and a pipeline's stages) then
+    # returns (output, *hidden states of each layer) instead of output alone.
+    carry_hidden: bool = False
+
+    def inputs(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """The tokenized rows on the training device: input_ids, attention_mask[, token_type_ids]."""
+        raise NotImplementedError
+
+    def target(self, rows: list[int], inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One tensor whose first dimension is the rows (teacher outputs, labels, packed together):
+        a pipeline schedule splits it into micro-batches along that dimension."""
+        raise NotImplementedError
+
+    def loss(self, output, target: torch.Tensor) -> torch.Tensor:
+        """The per-example mean loss of the model's output (a tensor, or a tuple when carry_hidden)."""
+        raise NotImplementedError
+
+    def loss_fn(self, forward: nn.Module, rows: list[int]) -> torch.Tensor:
+        batch = self.inputs(rows)
+        output = forward(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return self.loss(output, self.target(rows, batch))
 
 
 @dataclass
@@ -34,7 +68,7 @@ class TrainOutcome:
     strategy: str = "single"
     world_size: int = 1
     rows_per_rank: int = 0  # examples of each global batch this rank computed
-    extra: dict = field(default_factory=dict)  # what a strategy records about itself (mode, traffic, ...)
+    details: dict = field(default_factory=dict)  # what a strategy measured (mode, bytes communicated, ...)
 
     def summary(self) -> dict:
         window = max(1, min(10, len(self.losses) // 4))
@@ -42,7 +76,7 @@ class TrainOutcome:
                 "loss_first": round(sum(self.losses[:window]) / window, 6),
                 "loss_last": round(sum(self.losses[-window:]) / window, 6),
                 "seconds": round(self.seconds, 1), "strategy": self.strategy, "world_size": self.world_size,
-                "rows_per_rank": self.rows_per_rank, **self.extra}
+                "rows_per_rank": self.rows_per_rank, **self.details}
 
 
 def global_rows(step: int, n_examples: int, batch_size: int, seed: int) -> list[int]:
@@ -68,11 +102,12 @@ def after_step(step: int) -> None:
 
 def train(name: str, cfg, model: nn.Module, forward: nn.Module, n_examples: int, loss_fn: LossFn,
           world: World, strategy, checkpoint: Path | None, fast_params: list[nn.Parameter] | None = None,
-          fast_learning_rate: float | None = None) -> TrainOutcome:
+          fast_learning_rate: float | None = None, task: StagedTask | None = None) -> TrainOutcome:
     """Train ``model``'s parameters through ``forward`` (a module sharing them) for cfg.epochs.
 
     ``cfg`` carries epochs, batch_size, learning_rate, warmup_ratio, checkpoint_every, seed, progress.
-    ``fast_params`` (a new head, say) train at ``fast_learning_rate`` instead.
+    ``fast_params`` (a new head, say) train at ``fast_learning_rate`` instead. ``task``: the same loss
+    as ``loss_fn`` in parts, for strategies that split the model (pipeline).
     """
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -104,7 +139,7 @@ def train(name: str, cfg, model: nn.Module, forward: nn.Module, n_examples: int,
 
     session = TrainSession(name=name, cfg=cfg, model=model, forward=forward, n_examples=n_examples,
                            loss_fn=loss_fn, world=world, params=params, optimizer=optimizer,
-                           scheduler=scheduler, outcome=outcome, checkpoint=checkpoint)
+                           scheduler=scheduler, outcome=outcome, checkpoint=checkpoint, task=task)
     began = time.perf_counter()
     model.train()
     session.bar = tqdm(total=total, initial=outcome.resumed_at_step, desc=name, unit="step",
@@ -114,7 +149,7 @@ def train(name: str, cfg, model: nn.Module, forward: nn.Module, n_examples: int,
     finally:
         session.bar.close()
     # Peak resident memory of every rank (the whole process: model, teacher, optimiser, traffic buffers).
-    outcome.extra["peak_rss_mb_per_rank"] = [round(mb, 1) for mb in world.gather(_peak_rss_mb())]
+    outcome.details["peak_rss_mb_per_rank"] = [round(mb, 1) for mb in world.gather(_peak_rss_mb())]
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -141,6 +176,7 @@ class TrainSession:
     scheduler: object
     outcome: TrainOutcome
     checkpoint: Path | None
+    task: StagedTask | None = None
     bar: object = None
 
     def rows(self, step: int) -> list[int]:
@@ -152,14 +188,26 @@ class TrainSession:
             raise BuildError(f"{self.name}: the loss became {value} at step {step + 1}; lower learning_rate "
                              f"(now {self.cfg.learning_rate})")
 
-    def apply(self, schedule: bool = True) -> None:
+    def apply(self, total_norm: torch.Tensor | None = None, schedule: bool = True) -> None:
         """One optimiser update from the gradients now in ``.grad`` (clipped to norm 1), then one
         learning-rate schedule step unless ``schedule`` is false (a strategy that makes several
-        updates per global batch steps the schedule once per batch itself)."""
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        updates per global batch steps the schedule once per batch itself).
+
+        ``total_norm``: the gradient norm over the whole model when this rank holds only some of its
+        gradients (a pipeline stage); by default the norm of the gradients here."""
+        if total_norm is None:
+            torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(self.params, MAX_GRAD_NORM, total_norm)
         self.optimizer.step()
         if schedule:
             self.scheduler.step()
+
+    def checkpoints_after(self, step: int) -> bool:
+        """Whether ``finish_step(step, ...)`` writes a checkpoint (on rank 0)."""
+        done = step + 1
+        return self.checkpoint is not None and (done % self.cfg.checkpoint_every == 0
+                                                or done == self.outcome.total_steps)
 
     def finish_step(self, step: int, value: float) -> None:
         """Record the step's loss, show progress, checkpoint on rank 0, call ``after_step``."""
@@ -167,8 +215,7 @@ class TrainSession:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{value:.4f}")
         done = step + 1
-        if self.world.is_main and self.checkpoint is not None and (
-                done % self.cfg.checkpoint_every == 0 or done == self.outcome.total_steps):
+        if self.world.is_main and self.checkpoints_after(step):
             _save(self.checkpoint, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                                     "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
                                     "step": done, "losses": self.outcome.losses})

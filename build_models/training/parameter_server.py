@@ -137,7 +137,7 @@ class ParameterServer:
             try:
                 if server is not None:
                     server.serve()
-                    outcome.extra = server.summary()
+                    outcome.details = server.summary()
                 else:
                     _Trainer(session, world, self.trainers).run()
             except BaseException as exc:
@@ -154,8 +154,8 @@ class ParameterServer:
         finally:
             _SERVER = None
         # Every rank ends like a DDP rank: the trained weights, the losses and the details.
-        final = world.broadcast({"losses": outcome.losses, "extra": outcome.extra} if world.is_main else None)
-        outcome.losses, outcome.extra = list(final["losses"]), dict(final["extra"])
+        final = world.broadcast({"losses": outcome.losses, "details": outcome.details} if world.is_main else None)
+        outcome.losses, outcome.details = list(final["losses"]), dict(final["details"])
         _broadcast_parameters(world, session.params)
 
 

@@ -19,8 +19,10 @@ from build_models.recipe import Strategy
 from build_models.training.distributed import World
 
 STRATEGIES = get_args(Strategy)
-# Config fields that choose how a run is spread, not what it trains: left out of checkpoint keys.
-STRATEGY_OPTIONS = {"progress", "strategy", "parameter_server_mode", "max_staleness"}
+# Settings that decide how a training step is spread, never what it computes: left out of checkpoint
+# keys, so a run may resume another strategy's checkpoint.
+NOT_IN_RESULT = {"progress", "strategy", "micro_batches", "pipeline_schedule", "parameter_server_mode",
+                 "max_staleness"}
 
 
 class Single:
@@ -87,7 +89,7 @@ class DataParallel(Single):
             # A ring all-reduce of S bytes sends 2(N-1)/N x S from every rank: 2(N-1) x S over the
             # network per step, comparable with the parameter server's fetches plus pushes.
             per_rank = self.payload_bytes / steps
-            session.outcome.extra.update(allreduce_bytes_per_rank=int(per_rank),
+            session.outcome.details.update(allreduce_bytes_per_rank=int(per_rank),
                                          bytes_per_step=int(per_rank * 2 * (self.world.size - 1)))
 
     def shard(self, rows: list[int]) -> list[int]:
@@ -95,16 +97,23 @@ class DataParallel(Single):
         return rows[self.world.rank * per_rank:(self.world.rank + 1) * per_rank]
 
 
-def resolve_strategy(name: str, world: World, batch_size: int, step: str):
-    """The strategy object for a step, checked against the world before any training starts."""
+def resolve_strategy(name: str, world: World, batch_size: int, step: str, *, layers: int | None = None,
+                     micro_batches: int = 1, schedule: str = "gpipe"):
+    """The strategy object for a step, checked against the world before any training starts.
+
+    ``layers``: the trained model's transformer layers (a pipeline puts at least one on each stage);
+    ``micro_batches`` and ``schedule``: the pipeline's (recipe fields of the same names)."""
     if name not in STRATEGIES:
         raise BuildError(f"{step}: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
-    if name == "pipeline":
-        raise BuildError(f"{step}: strategy {name!r} is not available yet")
     if name == "parameter_server":
         from build_models.training.parameter_server import ParameterServer
 
         return ParameterServer.for_world(world, batch_size, step)
+    if name == "pipeline":
+        from build_models.training.pipeline_parallel import PipelineParallel
+
+        PipelineParallel.check(world, batch_size, step, layers, micro_batches, schedule)
+        return PipelineParallel(world, micro_batches, schedule)
     if name == "auto":
         name = "ddp" if world.size > 1 else "single"
     if name == "single" and world.size > 1:

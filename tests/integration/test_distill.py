@@ -108,7 +108,7 @@ def test_bad_settings_fail_before_training(tiny_embedding_dir, tmp_path, monkeyp
         distill.run(DistillConfig(num_layers=1, **{**FAST, "samples": 4}), teacher(), ctx)
     with pytest.raises(ValueError, match="exactly one of num_layers or layers"):
         DistillConfig(num_layers=1, layers=[1])
-    monkeypatch.setattr(distill, "_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(distill.DistillTask, "loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(BuildError, match="loss became nan at step 1"):
         distill.run(DistillConfig(num_layers=1, **FAST), teacher(), ctx)
 

@@ -18,6 +18,7 @@ from build_models.errors import BuildError
 from build_models.training.distributed import World
 from build_models.training.strategy import resolve_strategy
 from service.manifest import load_verified
+from tests.conftest import tiny_recipe
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 DISTILL = {"num_layers": 1, "samples": 96, "batch_size": 8, "max_seq_len": 32, "learning_rate": 5e-4,
@@ -36,12 +37,8 @@ def dropout_free_source(tiny_embedding_dir, tmp_path_factory) -> Path:
 
 
 def write_recipe(path: Path, source: Path, **distill) -> Path:
-    path.write_text(yaml.safe_dump({
-        "family": "tiny", "source": {"path": str(source)}, "task": "embedding", "max_seq_len": 64,
-        "evaluation": {"probe_train_samples": 40, "probe_test_samples": 40, "latency_repeats": 1},
-        "gates": {"downstream_retention": None, "mean_cosine": None},
-        "variants": [{"name": "student", "steps": [{"distill": {**DISTILL, **distill}}, {"export_onnx": {}}]}],
-    }))
+    student = {"name": "student", "steps": [{"distill": {**DISTILL, **distill}}, {"export_onnx": {}}]}
+    path.write_text(yaml.safe_dump(tiny_recipe(source, [student])))
     return path
 
 

@@ -46,7 +46,7 @@ fit = parameter_server.ParameterServer.fit
 def reporting_fit(self, session):
     fit(self, session)
     print("OUTCOME " + json.dumps({{"rank": self.world.rank, "losses": session.outcome.losses,
-                                   "extra": session.outcome.extra}}), flush=True)
+                                   "extra": session.outcome.details}}), flush=True)
 parameter_server.ParameterServer.fit = reporting_fit
 from build_models.cli import main
 sys.exit(main(sys.argv[1:]))
