@@ -3,9 +3,11 @@ Retry-After) before FastAPI routes, validates and tokenizes it.
 
 Under ten times its capacity a 2-core server spends most of its time refusing; every millisecond of
 Python a refusal costs is taken from the model. Here a refusal costs reading the body, one orjson
-parse to find the model, and one look at its batcher's queue (the same rule the batcher applies:
-``Batcher.admit``). Anything this layer cannot read plainly (not a JSON object, a model it does not
-know, a model not ready) goes on to the routes, which answer it as usual.
+parse to find the model and count its inputs, and one look at its batcher's queue. An admitted request
+holds its room in the queue (``Batcher.reserve``) until its route submits it, so a burst read in one
+go is admitted only as far as the queue has room, and the rest is refused here, cheaply, not after
+tokenizing. Anything this layer cannot read plainly (not a JSON object, a model it does not know, a
+model not ready) goes on to the routes, which answer it as usual.
 """
 
 from __future__ import annotations
@@ -58,10 +60,11 @@ class LoadShedder:
             chunks.append(message.get("body", b""))
         body = b"".join(chunks)
 
-        entry = self._entry(registry, body, kserve)
+        entry, items = self._entry(registry, body, kserve)
+        reservation = None
         if entry is not None and entry.batcher is not None:
             try:
-                entry.batcher.admit(1)
+                reservation = entry.batcher.reserve(items)
             except Overloaded as exc:
                 from service.api.errors import error_response
 
@@ -82,21 +85,38 @@ class LoadShedder:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        if reservation is None:
+            return await self.app(scope, replay, send)
+        # The route's submit turns the reservation into queued items; if the request ends before
+        # that (bad input, a disconnect, another model), its room is given back here.
+        scope.setdefault("state", {})["reservation"] = reservation
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            reservation.release()
 
     @staticmethod
-    def _entry(registry, body: bytes, kserve):
+    def _entry(registry, body: bytes, kserve) -> tuple[object | None, int]:
+        """The model entry the request is for (None: let the routes answer) and its number of inputs."""
+        items = 1
         if kserve:
             name, version = kserve.group(1), int(kserve.group(2)) if kserve.group(2) else None
         else:
             try:
                 doc = orjson.loads(body)
             except orjson.JSONDecodeError:
-                return None
+                return None, 0
             if not isinstance(doc, dict) or not isinstance(doc.get("model", ""), (str, type(None))):
-                return None
+                return None, 0
             name, version = doc.get("model") or None, None
+            inputs = doc.get("input", doc.get("inputs"))
+            # A list of texts or of token-id lists is one input each; a text or one id list is one.
+            if isinstance(inputs, list) and inputs and isinstance(inputs[0], (str, list)):
+                items = len(inputs)
         try:
-            return registry.get(name, version)
+            entry = registry.get(name, version)
         except ServiceError:
-            return None
+            return None, 0
+        if entry.batcher is not None and items > entry.batcher.max_queue_items:
+            return None, 0  # more than the queue holds: the route answers 413
+        return entry, items

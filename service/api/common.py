@@ -91,10 +91,23 @@ def check_ids(request: Request, sequences: Sequence[Sequence[int]], field: str =
     _check_count(request, sequences, field, "input")
 
 
+def _reservation(request: Request):
+    """The room the door (service/shedding.py) reserved for this request in its model's queue, if any."""
+    return request.scope.get("state", {}).get("reservation")
+
+
+def _admit(request: Request, entry: ModelEntry, items: int) -> None:
+    """An overloaded model refuses before the tokenizing work, unless the door already admitted the
+    request into this model's queue (its reservation counts there; admitting again would count it twice)."""
+    reservation = _reservation(request)
+    if reservation is None or reservation.batcher is not entry.batcher or reservation.items < items:
+        entry.batcher.admit(items)
+
+
 async def encode_texts(request: Request, entry: ModelEntry, texts: Sequence[str], truncate: bool,
                        direction: Direction = "right", field: str = "input") -> list[Encoded]:
     check_texts(request, texts, field)
-    entry.batcher.admit(len(texts))  # an overloaded model refuses before the tokenizing work
+    _admit(request, entry, len(texts))
     began = time.perf_counter()
     if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
         # A tweet tokenizes in tens of microseconds: cheaper than the hop to a pool thread and back.
@@ -110,7 +123,7 @@ async def encode_texts(request: Request, entry: ModelEntry, texts: Sequence[str]
 async def encode_ids(request: Request, entry: ModelEntry, sequences: Sequence[Sequence[int]], truncate: bool,
                      direction: Direction = "right", field: str = "input") -> list[Encoded]:
     check_ids(request, sequences, field)
-    entry.batcher.admit(len(sequences))
+    _admit(request, entry, len(sequences))
     began = time.perf_counter()
     encoded = entry.tokenizer.encode_ids(sequences, truncate, direction, field)
     _record_tokenization(request, entry, began, encoded)
@@ -152,7 +165,7 @@ async def run(request: Request, entry: ModelEntry, encoded: list[Encoded], timeo
     wait = request_timeout(request) if timeout_s is None else min(timeout_s, state(request).settings.request_timeout_s)
     deadline = time.monotonic() + wait
     submit = asyncio.ensure_future(entry.batcher.submit([(e, len(e)) for e in encoded], deadline,
-                                                        _timing(request)))
+                                                        _timing(request), _reservation(request)))
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         done, _ = await asyncio.wait({submit, watcher}, return_when=asyncio.FIRST_COMPLETED)

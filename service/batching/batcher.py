@@ -46,6 +46,20 @@ class _Request:
         self.timing = timing
 
 
+class Reservation:
+    """Room in a batcher's queue held for a request between the door and its ``submit``."""
+
+    __slots__ = ("batcher", "items", "active")
+
+    def __init__(self, batcher: "Batcher", items: int):
+        self.batcher, self.items, self.active = batcher, items, True
+
+    def release(self) -> None:
+        """Give the room back if ``submit`` has not taken it (idempotent)."""
+        if self.active:
+            self.batcher._release(self)
+
+
 class Batcher:
     """Queues items of many requests and runs them in batches on one worker thread per infer fn.
 
@@ -97,6 +111,7 @@ class Batcher:
         # load, length bucketing (max_padding_ratio) and the token budget make batches far smaller than
         # max_batch_size, and a per-batch estimate took the queue for a quarter of its real wait.
         self._item_ewma_s: float | None = None
+        self._reserved = 0  # items admitted at the door, not queued yet (reserve); guarded by _cond
         self._busy = 0  # workers inside inference; guarded by _cond
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -162,7 +177,7 @@ class Batcher:
     # ----------------------------------------------------------------- event-loop side
 
     async def submit(self, payloads: Sequence[tuple[Any, int]], deadline: float | None = None,
-                     timing: dict | None = None) -> list[Any]:
+                     timing: dict | None = None, reservation: "Reservation | None" = None) -> list[Any]:
         """Run the ``(payload, length)`` items of one request; return their results in the same order.
 
         ``timing``, when given, is filled with ``queue_s`` (the longest wait of its items before their
@@ -172,7 +187,8 @@ class Batcher:
         with DeadlineExceeded. Raises Overloaded (nothing enqueued) when the queue has no room,
         PayloadTooLarge when the request alone exceeds the queue, NotReady when not started or stopping,
         InferenceFailed when a batch holding one of its items failed. Cancelling the caller drops its
-        still-queued items.
+        still-queued items. A ``reservation`` from ``reserve`` (taken at the door) turns into these
+        queued items: it stops counting at the moment they start to.
         """
         if not payloads:
             return []
@@ -195,6 +211,9 @@ class Batcher:
             )
         retry_after_s = None
         with self._cond:
+            if reservation is not None and reservation.batcher is self and reservation.active:
+                reservation.active = False
+                self._reserved -= reservation.items
             if self._closing:
                 raise errors.NotReady(f"model {self.name!r} is shutting down")
             if self._saturated(len(payloads)):
@@ -223,11 +242,33 @@ class Batcher:
         if retry_after_s is not None:
             self._reject_overloaded(items, retry_after_s)
 
+    def reserve(self, items: int) -> "Reservation":
+        """Admit a request at the door: raise Overloaded now if ``items`` more would be refused, else
+        count them as if queued until the request submits them (or gives up: ``release``).
+
+        The door admits a whole burst of requests before any of them has tokenized and submitted; without
+        reservations each saw the same short queue, and most of the burst was refused at ``submit``,
+        after the routes had validated and tokenized it for nothing."""
+        with self._cond:
+            if not self._saturated(items):
+                self._reserved += items
+                return Reservation(self, items)
+            retry_after_s = self._retry_after_s()
+        self._reject_overloaded(items, retry_after_s)
+
+    def _release(self, reservation: "Reservation") -> None:
+        with self._cond:
+            if reservation.active:
+                reservation.active = False
+                self._reserved -= reservation.items
+
     def _saturated(self, items: int) -> bool:
-        """No room for ``items`` more: the count limit, or the queue's wait limit; lock held."""
-        if len(self._queue) + items > self.max_queue_items:
+        """No room for ``items`` more: the count limit, or the queue's wait limit; lock held. Items
+        reserved at the door count as queued."""
+        queued = len(self._queue) + self._reserved
+        if queued + items > self.max_queue_items:
             return True
-        return bool(self.max_queue_wait_s and self._queue and self._queue_wait_s() > self.max_queue_wait_s)
+        return bool(self.max_queue_wait_s and queued and self._queue_wait_s() > self.max_queue_wait_s)
 
     def _reject_overloaded(self, items: int, retry_after_s: int):
         self._emit("rejected", {"reason": "overloaded", "items": items})
@@ -235,7 +276,7 @@ class Batcher:
 
     def _queue_wait_s(self) -> float:
         """Estimated time until the queue as it stands is taken by the workers; lock held."""
-        return len(self._queue) * (self._item_ewma_s or 0.0) / len(self._infer_fns)
+        return (len(self._queue) + self._reserved) * (self._item_ewma_s or 0.0) / len(self._infer_fns)
 
     def _retry_after_s(self) -> int:
         """Whole seconds until the current queue is likely worked off; called with the lock held."""

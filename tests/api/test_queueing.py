@@ -161,3 +161,8 @@ def test_saturated_model_is_refused_at_the_door_before_any_route_work(tmp_path, 
         assert 'route="unmatched"' not in metrics
         monkeypatch.undo()
         assert client.post("/v1/embeddings", json={"input": "hello"}).status_code == 200
+        # Admitted at the door, then answered by the route (served, or refused as bad input): every
+        # request's reserved room is given back.
+        assert client.post("/v1/embeddings", json={"input": ["a", ""]}).status_code == 422
+        assert client.post("/embed", json={"inputs": ["a", "b"]}).status_code == 200
+        assert batcher._reserved == 0

@@ -150,6 +150,37 @@ def test_queue_wait_limit_refuses_at_once_while_the_queue_would_take_too_long():
     run(main())
 
 
+def test_room_reserved_at_the_door_counts_as_queued_until_submitted():
+    async def main():
+        gate = Gate()
+        batcher = Batcher("m", [gate], IMMEDIATE, max_queue_items=3)
+        batcher.start()
+        busy = asyncio.create_task(batcher.submit(payloads(1)))
+        await gate.wait_entered()  # the worker holds request 1; the queue is empty
+        first = batcher.reserve(2)
+        with pytest.raises(errors.Overloaded):  # 2 reserved + 2 > 3, though nothing is queued yet
+            batcher.reserve(2)
+        with pytest.raises(errors.Overloaded):
+            batcher.admit(2)  # the routes' own check sees the reservation too
+        # Submitting with its reservation turns the room into queued items (not counted twice).
+        queued = asyncio.create_task(batcher.submit(payloads(2, 3), reservation=first))
+        await wait_for_depth(batcher, 2)
+        assert not first.active
+        first.release()  # a no-op once submitted
+        second = batcher.reserve(1)  # 2 queued + 1 fits
+        second.release()  # the request ended before submitting: its room comes back
+        second.release()
+        assert batcher._reserved == 0
+        other = Batcher("n", [doubling()], IMMEDIATE, max_queue_items=3).reserve(1)
+        gate.release.set()
+        assert await busy == [2] and await queued == [4, 6]
+        # Another model's reservation is not this queue's room.
+        assert await batcher.submit(payloads(5), reservation=other) == [10] and other.active
+        await batcher.stop(grace_s=1.0)
+
+    run(main())
+
+
 def test_request_larger_than_the_whole_queue_is_payload_too_large():
     async def main():
         batcher = Batcher("m", [doubling()], IMMEDIATE, max_queue_items=3)
