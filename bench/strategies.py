@@ -79,7 +79,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ref = next((r for r in rows if r["strategy"] == "single" and "error" not in r), None)
     lines = [f"# Training strategies: {meta['steps']} steps of {meta['batch_size']} texts, "
              f"{meta['processes']} processes, {meta['cpus']} CPUs", "",
-             "| strategy | processes | samples/s | vs single | MB sent per step and rank | peak RSS per rank (MB) "
+             "| strategy | processes | samples/s | vs single | MB on the wire per step | peak RSS per rank (MB) "
              "| first loss | final loss |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
