@@ -5,7 +5,8 @@ clear error instead of a hang.
 
 To keep the suite short, one torchrun launch serves three tests: its recipe's teacher section runs two
 finetune steps on the tiny BERT, a synchronous one (compared with the same recipe in one process) and an
-asynchronous one (whose classifier becomes the teacher that the variant exports and publishes).
+asynchronous one (whose classifier becomes the teacher that the variant exports and publishes). The
+same recipe under DDP is the AllReduce reference of the plain-SGD comparison.
 """
 
 from __future__ import annotations
@@ -78,7 +79,20 @@ def builds(dropout_free_source, tmp_path_factory):  # noqa: F811 - the fixture i
     ps = run([*TORCHRUN, str(launcher), "build", str(recipe), "--store", str(tmp / "ps"), "--dist-timeout", "60"])
     assert ps.returncode == 0, ps.stderr[-3000:]
     outcomes = [json.loads(line.split(" ", 1)[1]) for line in ps.stdout.splitlines() if line.startswith("OUTCOME ")]
-    return tmp / "one", tmp / "ps", outcomes
+    return tmp / "one", tmp / "ps", outcomes, recipe
+
+
+def test_ddp_with_plain_sgd_trains_the_same_weights_as_one_process(builds):
+    """The AllReduce reference under the same plain-SGD comparison (test_distributed.py checks AdamW)."""
+    one, _, _, recipe = builds
+    ddp_store = recipe.parent / "ddp"
+    ddp = run([*TORCHRUN[:-1], "2", "-m", "build_models.cli", "build", str(recipe), "--store", str(ddp_store),
+               "--strategy", "ddp", "--dist-timeout", "60"])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = checkpoint(one, SYNC), checkpoint(ddp_store, SYNC)
+    for name in a["model"]:
+        torch.testing.assert_close(b["model"][name], a["model"][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert finetune_details(ddp_store)[0]["strategy"] == "ddp"
 
 
 def checkpoint(store: Path, cfg: dict) -> dict:
@@ -95,7 +109,7 @@ def finetune_details(store: Path) -> list[dict]:
 
 
 def test_sync_parameter_server_trains_the_same_weights_as_one_process(builds):
-    one, ps, _ = builds
+    one, ps, _, _ = builds
     a, b = checkpoint(one, SYNC), checkpoint(ps, SYNC)
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
@@ -114,7 +128,7 @@ def test_sync_parameter_server_trains_the_same_weights_as_one_process(builds):
 
 
 def test_async_parameter_server_converges_within_its_staleness_bound(builds):
-    _, ps, _ = builds
+    _, ps, _, _ = builds
     _, asynchronous = finetune_details(ps)
     assert asynchronous["mode"] == "async" and asynchronous["max_staleness"] == 0
     assert asynchronous["staleness_max_applied"] <= asynchronous["max_staleness"]
@@ -126,7 +140,7 @@ def test_async_parameter_server_converges_within_its_staleness_bound(builds):
 
 
 def test_every_rank_ends_with_the_servers_outcome_and_rank_0_publishes_once(builds):
-    _, ps, outcomes = builds
+    _, ps, outcomes, _ = builds
     assert sorted(o["rank"] for o in outcomes) == [0, 0, 1, 1, 2, 2]  # two finetunes, three ranks
     for first in (0, 1):
         mine = [o for o in outcomes if o["extra"]["mode"] == ("sync", "async")[first]]
