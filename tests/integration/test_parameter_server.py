@@ -46,8 +46,12 @@ from build_models.training import parameter_server
 fit = parameter_server.ParameterServer.fit
 def reporting_fit(self, session):
     fit(self, session)
-    print("OUTCOME " + json.dumps({{"rank": self.world.rank, "losses": session.outcome.losses,
-                                   "extra": session.outcome.details}}), flush=True)
+    line = "OUTCOME " + json.dumps({{"rank": self.world.rank, "losses": session.outcome.losses,
+                                     "extra": session.outcome.details}}) + "\\n"
+    # One write() per line: torchrun runs the ranks unbuffered (python -u) on one shared pipe, where
+    # print's separate writes of text and newline interleave; a single write under 4 KiB does not.
+    assert len(line) < 4096
+    os.write(1, line.encode())
 parameter_server.ParameterServer.fit = reporting_fit
 from build_models.cli import main
 sys.exit(main(sys.argv[1:]))
