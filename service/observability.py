@@ -67,16 +67,15 @@ class RequestObserver:
                 self.metrics.observe_request(model, route, status, seconds, state.get("error_type"))
             except Exception:  # noqa: BLE001 - metrics must never break serving
                 access_log.exception("recording request metrics failed")
-            if route in _QUIET_ROUTES or not access_log.isEnabledFor(logging.INFO):
-                pass
-            elif state.get("error_type") == "overloaded":
-                self.refusals.note(model, route)
-            else:
-                access_log.info("request", extra={"fields": {
-                    "request_id": state.get("request_id"), "method": scope.get("method"), "route": route,
-                    "model": model, "status": status, "duration_ms": round(seconds * 1000, 2),
-                    "error_type": state.get("error_type"),
-                }})
+            if route not in _QUIET_ROUTES and access_log.isEnabledFor(logging.INFO):
+                if state.get("error_type") == "overloaded":
+                    self.refusals.note(model, route)
+                else:
+                    access_log.info("request", extra={"fields": {
+                        "request_id": state.get("request_id"), "method": scope.get("method"), "route": route,
+                        "model": model, "status": status, "duration_ms": round(seconds * 1000, 2),
+                        "error_type": state.get("error_type"),
+                    }})
 
 
 class RefusalLog:
@@ -97,8 +96,7 @@ class RefusalLog:
         if now - self.window_start >= self.interval_s:
             self.flush(now)
 
-    def flush(self, now: float | None = None) -> None:
-        now = self.clock() if now is None else now
+    def flush(self, now: float) -> None:
         seconds = round(now - self.window_start, 3)
         for (model, route), count in self.pending.items():
             access_log.info("requests refused: overloaded", extra={"fields": {

@@ -211,9 +211,8 @@ class Batcher:
             )
         retry_after_s = None
         with self._cond:
-            if reservation is not None and reservation.batcher is self and reservation.active:
-                reservation.active = False
-                self._reserved -= reservation.items
+            if reservation is not None and reservation.batcher is self:
+                self._unreserve(reservation)
             if self._closing:
                 raise errors.NotReady(f"model {self.name!r} is shutting down")
             if self._saturated(len(payloads)):
@@ -258,9 +257,13 @@ class Batcher:
 
     def _release(self, reservation: "Reservation") -> None:
         with self._cond:
-            if reservation.active:
-                reservation.active = False
-                self._reserved -= reservation.items
+            self._unreserve(reservation)
+
+    def _unreserve(self, reservation: "Reservation") -> None:
+        """Stop counting a reservation (once); lock held."""
+        if reservation.active:
+            reservation.active = False
+            self._reserved -= reservation.items
 
     def _saturated(self, items: int) -> bool:
         """No room for ``items`` more: the count limit, or the queue's wait limit; lock held. Items
