@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 def _build(args) -> int:
     from build_models.pipeline import build
     from build_models.recipe import load_recipe
-    from build_models.training.distributed import World
+    from build_models.training.distributed import World, first_line, lost_a_peer
 
     _quiet_libraries()
     recipe = load_recipe(args.recipe)
@@ -100,10 +100,10 @@ def _build(args) -> int:
         result = build(args.recipe, args.store, only=args.variants, allow_below_gate=args.allow_below_gate,
                        log=log, recipe=recipe, world=world)
     except RuntimeError as exc:
-        if not world.distributed or isinstance(exc, BuildError) or not _lost_a_peer(exc):
+        if not world.distributed or isinstance(exc, BuildError) or not lost_a_peer(exc):
             raise
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise BuildError(f"rank {world.rank}: lost contact with another rank during the build ({first[:300]}); "
+        raise BuildError(f"rank {world.rank}: lost contact with another rank during the build "
+                         f"({first_line(exc)[:300]}); "
                          f"a rank died or stopped answering: see its own error. Nothing was published") from None
     finally:
         world.close()
@@ -117,20 +117,6 @@ def _build(args) -> int:
               file=sys.stderr)
         return 1
     return 0
-
-
-# What torch.distributed's backends (gloo, nccl, TensorPipe RPC) say when the other side is gone.
-_PEER_FAILURE_MARKS = ("connection reset", "connection closed", "connection refused", "timed out", "timeout",
-                       "broken pipe", "gloo", "nccl", "tensorpipe", "eof", "peer", "rpc")
-
-
-def _lost_a_peer(exc: BaseException) -> bool:
-    import torch.distributed as dist
-
-    if isinstance(exc, getattr(dist, "DistError", ())):
-        return True
-    text = str(exc).lower()
-    return any(mark in text for mark in _PEER_FAILURE_MARKS)
 
 
 def _say_why_when_stopped(rank: int) -> None:

@@ -18,6 +18,28 @@ from typing import Any
 from build_models.errors import BuildError
 
 
+# What torch.distributed's backends (gloo, nccl, TensorPipe RPC) say when the other side is gone.
+_PEER_FAILURE_MARKS = ("connection", "timed out", "timeout", "broken pipe", "gloo", "nccl", "tensorpipe", "eof",
+                       "peer", "rpc")
+
+
+def lost_a_peer(exc: BaseException) -> bool:
+    """Whether an error from a collective, an RPC or a pipeline step means another rank went away or
+    stopped answering (gloo reports that only in a plain RuntimeError's text)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc).lower()
+    return any(mark in text for mark in _PEER_FAILURE_MARKS)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text (torch's are often a page long), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 @dataclass
 class World:
     rank: int = 0

@@ -57,7 +57,7 @@ from torch.distributed.rpc.functions import async_execution
 
 from build_models.errors import BuildError
 from build_models.training import loop
-from build_models.training.distributed import World
+from build_models.training.distributed import World, first_line
 
 # RPC runs a function by its qualified name in the callee's process: the module-level ``_pull`` and
 # ``_push`` below reach the server object through this slot, set on rank 0 only while it trains.
@@ -70,11 +70,6 @@ def _worker(rank: int) -> str:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _submit(kind: str, payload: tuple) -> torch.futures.Future:
@@ -169,7 +164,7 @@ def _init_rpc(world: World) -> None:
     try:
         rpc.init_rpc(_worker(world.rank), rank=world.rank, world_size=world.size, rpc_backend_options=options)
     except (RuntimeError, ValueError) as exc:
-        raise BuildError(f"rank {world.rank}: cannot start RPC for the parameter server ({_first_line(exc)})") from None
+        raise BuildError(f"rank {world.rank}: cannot start RPC for the parameter server ({first_line(exc)})") from None
 
 
 def _shutdown_rpc(graceful: bool, timeout_s: float = 0.0) -> None:
@@ -281,7 +276,7 @@ class _Server:
                 self._answer_pulls()
         except BaseException as exc:
             self._fail(str(exc) if isinstance(exc, BuildError)
-                       else f"the parameter server (rank 0) failed: {type(exc).__name__}: {_first_line(exc)}")
+                       else f"the parameter server (rank 0) failed: {type(exc).__name__}: {first_line(exc)}")
             raise
         if self.step != self.total:  # every trainer was released, so every unit was applied
             raise BuildError(f"parameter server: stopped at step {self.step} of {self.total}")
@@ -451,7 +446,7 @@ class _Trainer:
             # its explanation reaches the others before their own timeouts do.
             fut = rpc.rpc_async(_worker(0), fn, args=args, timeout=self.world.timeout_s + 10)
         except RuntimeError as exc:
-            raise BuildError(f"rank {rank}: cannot reach the parameter server on rank 0 ({_first_line(exc)})") from None
+            raise BuildError(f"rank {rank}: cannot reach the parameter server on rank 0 ({first_line(exc)})") from None
         arrived = threading.Event()
         fut.add_done_callback(lambda _f: arrived.set())
         while not arrived.wait(1.0):
@@ -459,7 +454,7 @@ class _Trainer:
         try:
             reply = fut.wait()
         except RuntimeError as exc:
-            raise BuildError(f"rank {rank}: lost the parameter server on rank 0 ({_first_line(exc)})") from None
+            raise BuildError(f"rank {rank}: lost the parameter server on rank 0 ({first_line(exc)})") from None
         if reply[0] == "error":
             raise BuildError(f"rank {rank}: the parameter server stopped: {reply[1]}")
         return reply

@@ -56,7 +56,7 @@ from torch import nn
 
 from build_models.errors import BuildError
 from build_models.modeling import ClassificationModel, EmbeddingModel, encoder_layers, inner_model, pool
-from build_models.training.distributed import World
+from build_models.training.distributed import World, first_line, lost_a_peer
 
 SCHEDULES = ("gpipe", "1f1b")
 _SCHEDULE_CACHE = 4  # stages kept for recent padded lengths
@@ -337,11 +337,9 @@ class PipelineParallel:
     def _lost(self, step: int, exc: RuntimeError) -> RuntimeError:
         """A clear error when a schedule step or collective failed because a peer went away (gloo
         says so only in a RuntimeError's text); any other error unchanged."""
-        text = str(exc).strip()
-        if not (isinstance(exc, dist.DistError) or any(
-                word in text for word in ("Connection", "connection", "peer", "timed out", "Timed out", "Timeout"))):
+        if not lost_a_peer(exc):
             return exc
-        first = (text.splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)[:300]
         return BuildError(f"pipeline: stage {self.rank} of {self.world.size} lost its peers at step {step + 1} "
                           f"({first}); another rank died or stopped answering (its own error names the cause; "
                           f"each wait is bounded by --dist-timeout)")
