@@ -206,7 +206,7 @@ def run(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact,
 
     task = DistillTask(cfg, teacher, keep, ctx.tokenizer, texts, label_ids, world.device)
     outcome = train("distill", cfg, student, StudentForward(student, task.carry_hidden), len(texts),
-                    task.loss_fn, world, strategy, checkpoint, task=task)
+                    task, world, strategy, checkpoint)
     student = student.cpu()
     teacher.cpu()
     details = {

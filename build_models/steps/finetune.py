@@ -67,8 +67,8 @@ def run(cfg: FinetuneConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact
 
     task = FinetuneTask(cfg, ctx.tokenizer, texts, targets, world.device)
     head = [p for n, p in hf.named_parameters() if n.startswith(("classifier.", "bert.pooler.", "pooler."))]
-    outcome = train("finetune", cfg, model, model, len(texts), task.loss_fn, world, strategy, checkpoint,
-                    fast_params=head, fast_learning_rate=cfg.head_learning_rate, task=task)
+    outcome = train("finetune", cfg, model, model, len(texts), task, world, strategy, checkpoint,
+                    fast_params=head, fast_learning_rate=cfg.head_learning_rate)
     model = model.cpu()
     counts = {name: labels.count(name) for name in names}
     details = {"dataset": cfg.dataset, "texts": len(texts), "labels": names, "examples_per_label": counts,

@@ -100,14 +100,14 @@ def after_step(step: int) -> None:
     """Called after every optimizer step; tests replace it to interrupt a run."""
 
 
-def train(name: str, cfg, model: nn.Module, forward: nn.Module, n_examples: int, loss_fn: LossFn,
+def train(name: str, cfg, model: nn.Module, forward: nn.Module, n_examples: int, task: StagedTask,
           world: World, strategy, checkpoint: Path | None, fast_params: list[nn.Parameter] | None = None,
-          fast_learning_rate: float | None = None, task: StagedTask | None = None) -> TrainOutcome:
+          fast_learning_rate: float | None = None) -> TrainOutcome:
     """Train ``model``'s parameters through ``forward`` (a module sharing them) for cfg.epochs.
 
     ``cfg`` carries epochs, batch_size, learning_rate, warmup_ratio, checkpoint_every, seed, progress.
-    ``fast_params`` (a new head, say) train at ``fast_learning_rate`` instead. ``task``: the same loss
-    as ``loss_fn`` in parts, for strategies that split the model (pipeline).
+    ``task`` is the step's loss, whole (``task.loss_fn``) and in parts for strategies that split the
+    model (pipeline). ``fast_params`` (a new head, say) train at ``fast_learning_rate`` instead.
     """
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -138,8 +138,8 @@ def train(name: str, cfg, model: nn.Module, forward: nn.Module, n_examples: int,
         outcome.resumed_at_step, outcome.losses = state["step"], list(state["losses"])
 
     session = TrainSession(name=name, cfg=cfg, model=model, forward=forward, n_examples=n_examples,
-                           loss_fn=loss_fn, world=world, params=params, optimizer=optimizer,
-                           scheduler=scheduler, outcome=outcome, checkpoint=checkpoint, task=task)
+                           task=task, world=world, params=params, optimizer=optimizer,
+                           scheduler=scheduler, outcome=outcome, checkpoint=checkpoint)
     began = time.perf_counter()
     model.train()
     session.bar = tqdm(total=total, initial=outcome.resumed_at_step, desc=name, unit="step",
@@ -169,15 +169,18 @@ class TrainSession:
     model: nn.Module
     forward: nn.Module
     n_examples: int
-    loss_fn: LossFn
+    task: StagedTask  # the step's loss: whole (``loss_fn``), or in parts for a pipeline
     world: World
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: object
     outcome: TrainOutcome
     checkpoint: Path | None
-    task: StagedTask | None = None
     bar: object = None
+
+    @property
+    def loss_fn(self) -> LossFn:
+        return self.task.loss_fn
 
     def rows(self, step: int) -> list[int]:
         return global_rows(step, self.n_examples, self.cfg.batch_size, self.cfg.seed)

@@ -236,8 +236,6 @@ class PipelineParallel:
 
     def fit(self, session) -> None:
         task = session.task
-        if task is None:
-            raise BuildError(f"{session.name}: strategy 'pipeline' needs the step's loss in parts (a StagedTask)")
         world, model = self.world, session.model
         layers = len(encoder_layers(model, "pipeline"))
         self.check(world, session.cfg.batch_size, session.name, layers, self.micro_batches, self.schedule)

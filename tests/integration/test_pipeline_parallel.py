@@ -151,8 +151,8 @@ def run(strategy, w, cfg=cfg, checkpoint=None):
         for p in student.classifier.bert.encoder.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     task = DistillTask(cfg, teacher, [0, 1], tokenizer, texts, labels, w.device)
-    outcome = loop.train("distill", cfg, student, StudentForward(student, False), len(texts), task.loss_fn, w,
-                         strategy, checkpoint, task=task)
+    outcome = loop.train("distill", cfg, student, StudentForward(student, False), len(texts), task, w,
+                         strategy, checkpoint)
     return student, outcome
 
 piped, outcome = run(PipelineParallel(world, 4, "1f1b"), world)
