@@ -15,12 +15,13 @@ from service.api.responses import FastJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service import watchdog
 from service.api import openai, ops, repository, tei
 from service.api.common import EntryLeases
 from service.api.errors import REQUEST_ID_HEADER, install_error_handlers
 from service.auth import AccessControl
 from service.metrics import ServiceMetrics
-from service.observability import RequestObserver
+from service.observability import RefusalLog, RequestObserver
 from service.registry import Registry
 from service.reloader import Reloader
 from service.settings import ServiceSettings
@@ -129,11 +130,15 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
         if not reg.ready:
             log.error("not ready: %s", reg.problem or "no model loaded")
         poller = asyncio.create_task(reloader.poll()) if settings.store_poll_interval_s > 0 else None
+        background = [asyncio.create_task(watchdog.watch(reg)), asyncio.create_task(app.state.refusals.run())]
         yield
         if poller is not None:
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
         await reg.stop(grace_s=settings.shutdown_grace_s)
+        for task in background:  # after the drain: its last refusals are logged too
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         reloader.close()
         app.state.tokenizer_pool.shutdown(wait=False)
 
@@ -145,6 +150,7 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
     app.state.version = _version()
     app.state.started_at = time.time()
     app.state.metrics = ServiceMetrics()
+    app.state.refusals = RefusalLog()
     app.state.tokenizer_pool = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
     install_error_handlers(app)
 
@@ -162,6 +168,6 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
     app.add_middleware(LoadShedder)  # after authentication: an unauthorized client hears 401, not 429
     app.add_middleware(AccessControl, settings=settings)  # inside the guard: refusals carry a request id
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestObserver, metrics=app.state.metrics)  # outermost: sees the guard's answers too
+    app.add_middleware(RequestObserver, metrics=app.state.metrics, refusals=app.state.refusals)  # outermost: sees the guard's answers too
     app.state.tracing = setup_tracing(app, tracing_exporter)
     return app

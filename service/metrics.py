@@ -75,6 +75,9 @@ class ServiceMetrics:
                                   "reason", ["model", "reason"], registry=r)
         self.inference_errors = Counter("bertserve_inference_errors", "Batches whose backend raised", ["model"],
                                         registry=r)
+        self.stalled_batches = Counter("bertserve_stalled_batches", "Batches the watchdog found running far "
+                                       "past their expected time (the model reports not ready until each "
+                                       "ends)", ["model"], registry=r)
         self._model_state = _ModelStateCollector()
         r.register(self._model_state)
         ProcessCollector(registry=r)
@@ -99,7 +102,7 @@ class ServiceMetrics:
             self.requests.labels(name, route, "200")
             self.request_duration.labels(name, route)
         for metric in (self.queue_wait, self.tokenization, self.inference, self.batch_size, self.batch_tokens,
-                       self.padding_ratio, self.input_tokens, self.inference_errors):
+                       self.padding_ratio, self.input_tokens, self.inference_errors, self.stalled_batches):
             metric.labels(name)
         for reason in REJECTION_REASONS:
             self.rejections.labels(name, reason)
@@ -123,6 +126,8 @@ class ServiceMetrics:
                 wait.observe(seconds)
         elif kind == "error":
             self.inference_errors.labels(model).inc()
+        elif kind == "stalled":
+            self.stalled_batches.labels(model).inc()
 
     def observe_request(self, model: str | None, route: str, status: int, seconds: float,
                         error_type: str | None) -> None:
@@ -164,7 +169,8 @@ class _ModelStateCollector:
     def collect(self):
         info = GaugeMetricFamily("bertserve_model_info", "A loaded (or failed) model variant: always 1",
                                  labels=["model", "version", "format", "precision", "provider"])
-        ready = GaugeMetricFamily("bertserve_model_ready", "1 when the model version serves requests, else 0",
+        ready = GaugeMetricFamily("bertserve_model_ready", "1 when the model version serves requests and no "
+                                  "batch of it is stuck in a backend (its readiness routes answer 200), else 0",
                                   labels=["model", "version"])
         depth = GaugeMetricFamily("bertserve_queue_depth", "Items waiting in the model's queue (batches already "
                                   "inside a backend not counted)", labels=["model"])
@@ -189,7 +195,7 @@ class _ModelStateCollector:
                     provider = entry.backends[0].info.provider if entry.backends else ""
                     info.add_metric([entry.name, version, manifest.format if manifest else "",
                                      manifest.precision if manifest else "", provider], 1)
-                ready.add_metric([entry.name, version], 1 if entry.ready else 0)
+                ready.add_metric([entry.name, version], 1 if entry.ready and not entry.stalled else 0)
                 if entry.batcher is not None and entry.status in ("ready", "unloading"):
                     depths[entry.name] = depths.get(entry.name, 0) + entry.batcher.queue_depth
                     if entry.ready:

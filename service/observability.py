@@ -12,11 +12,14 @@ import json
 import logging
 import time
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.metrics import ServiceMetrics
 
 access_log = logging.getLogger("bertserve.access")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before its answer
 
 # Probes and scrapes arrive every few seconds from machines, not clients: counted in the metrics, but
 # kept out of the access log so that it shows traffic.
@@ -35,9 +38,8 @@ def route_template(scope: Scope) -> str:
 
 
 class RequestObserver:
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics):
-        self.app, self.metrics = app, metrics
-        self.refusals = RefusalLog()
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, refusals: "RefusalLog"):
+        self.app, self.metrics, self.refusals = app, metrics, refusals
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,11 +47,19 @@ class RequestObserver:
         started = time.perf_counter()
         state = scope.setdefault("state", {})
         status = 500  # if the app raises before answering, the server answers 500
+        answered = disconnected = gone_first = False
+
+        async def watched_receive() -> dict:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+            return message
 
         async def timed_send(message: dict) -> None:
-            nonlocal status
+            nonlocal status, answered, gone_first
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered, gone_first = message["status"], True, disconnected
                 timing = state.get("timing") or {}
                 extra = [(name, f"{timing[key] * 1000:.2f}".encode()) for key, name in _TIMING_HEADERS
                          if key in timing]
@@ -58,8 +68,14 @@ class RequestObserver:
             await send(message)
 
         try:
-            await self.app(scope, receive, timed_send)
+            await self.app(scope, watched_receive, timed_send)
+        except ClientDisconnect:
+            disconnected = True  # hung up while sending its body: no answer to give, no error of ours
         finally:
+            if disconnected and (gone_first or not answered):
+                # Counted as nginx counts it (499), never as a server error: nobody is left to answer.
+                status = CLIENT_CLOSED_REQUEST
+                state["error_type"] = "client_disconnected"
             seconds = time.perf_counter() - started
             route = route_template(scope)
             model = state.get("model")
@@ -95,6 +111,25 @@ class RefusalLog:
         now = self.clock()
         if now - self.window_start >= self.interval_s:
             self.flush(now)
+
+    def flush_due(self) -> None:
+        """Write the window if it is over (a timer calls this, so that the last refusals of a burst are
+        logged even when no request follows them)."""
+        now = self.clock()
+        if self.pending and now - self.window_start >= self.interval_s:
+            self.flush(now)
+
+    async def run(self) -> None:
+        """Flush due windows until cancelled; then flush what is left (shutdown)."""
+        import asyncio
+
+        try:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                self.flush_due()
+        finally:
+            if self.pending:
+                self.flush(self.clock())
 
     def flush(self, now: float) -> None:
         seconds = round(now - self.window_start, 3)

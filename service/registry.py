@@ -27,7 +27,7 @@ from service.backends.base import Backend, ProviderUnavailable, load_backend
 from service.batching.batcher import Batcher
 from service.batching.policy import BatchLimits
 from service.errors import ModelNotFound, NotReady
-from service.manifest import Manifest, ManifestError, load_verified
+from service.manifest import Manifest, ManifestError, inside, load_verified
 from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer, pad_batch
 
@@ -60,6 +60,11 @@ class ModelEntry:
 
     def release(self) -> None:
         self.leases -= 1
+
+    @property
+    def stalled(self) -> bool:
+        """A batch of this version is stuck in a backend (the watchdog's verdict): serving, not ready."""
+        return self.batcher is not None and self.batcher.stalled
 
     @property
     def input_names(self) -> list[str]:
@@ -131,7 +136,7 @@ class Registry:
             entry.manifest = load_verified(path)
             if entry.manifest.name != name or entry.manifest.version != version:
                 raise ManifestError(f"{path}: manifest says {entry.manifest.name} v{entry.manifest.version}")
-            entry.tokenizer = TextTokenizer(path / entry.manifest.tokenizer_dir, entry.manifest.max_seq_len)
+            entry.tokenizer = TextTokenizer(inside(path, entry.manifest.tokenizer_dir), entry.manifest.max_seq_len)
             entry.backends = [self._backend_loader(path, entry.manifest, self.settings)
                               for _ in range(self.settings.instances)]
             entry.solo_backends = self._solo_backends(entry)
@@ -218,7 +223,7 @@ class Registry:
         return Batcher(f"{entry.name}:{entry.version}", [infer_fn_for(b) for b in entry.backends], limits,
                        s.max_queue_items, on_event=self._model_event(entry.name),
                        solo_infer_fns=[infer_fn_for(b) for b in entry.solo_backends] or None,
-                       max_queue_wait_s=s.max_queue_wait_ms / 1000)
+                       max_queue_wait_s=s.max_queue_wait_ms / 1000, stall_after_s=s.stall_timeout_s or None)
 
     def _model_event(self, model: str):
         def forward(kind: str, data: dict) -> None:
@@ -329,3 +334,17 @@ class Registry:
     @property
     def ready(self) -> bool:
         return any(e.ready for e in self.entries.values())
+
+    def check_ready(self, entry: ModelEntry | None = None) -> None:
+        """What readiness probes ask: raise NotReady unless ``entry`` (or, without one, the server: some
+        version serves and none is stalled) can take traffic. The messages name models and states only;
+        why a store or a version failed (paths, exception text) stays in the log and the admin's index."""
+        if entry is None:
+            if not self.ready:
+                raise NotReady("no model is ready to serve")
+            stalled = sorted({e.name for e in self.entries.values() if e.ready and e.stalled})
+            if stalled:
+                raise NotReady(f"model {stalled[0]!r} has a batch stuck in its backend")
+            return
+        if entry.stalled:
+            raise NotReady(f"model {entry.name!r} v{entry.version} has a batch stuck in its backend")

@@ -61,6 +61,11 @@ class ServiceSettings(BaseSettings):
     # batch times): under overload a client hears at once, not after request_timeout_s. 0 = off.
     max_queue_wait_ms: float = Field(2000.0, ge=0)
 
+    # The watchdog (service/watchdog.py): a batch inside a backend for longer than this marks its model
+    # not ready (readiness probes 503) until it ends. 0 = automatic: 20 times what recent batches say
+    # this batch should take, and at least 5 s.
+    stall_timeout_s: float = Field(0.0, ge=0, le=86400)
+
     # Requests
     request_timeout_s: float = Field(30.0, gt=0)  # deadline for an item to reach inference
     # On SIGTERM: stop accepting, then let in-flight requests finish for up to this long. An unloaded

@@ -210,9 +210,7 @@ async def server_live() -> dict:
 
 @router.get("/v2/health/ready", responses={503: {"description": "no model is ready"}})
 async def server_ready(request: Request) -> dict:
-    if not state(request).registry.ready:
-        # The registry's reason names paths; it goes to the log, not to clients.
-        raise NotReady("no model is ready to serve")
+    state(request).registry.check_ready()
     return {"ready": True}
 
 
@@ -228,13 +226,13 @@ async def model_version_metadata(model: str, version: str, request: Request) -> 
 
 @router.get("/v2/models/{model}/ready", responses={503: {"description": "model not ready"}})
 async def model_ready(model: str, request: Request) -> dict:
-    _entry(request, model, None)  # raises 404 / 503
+    state(request).registry.check_ready(_entry(request, model, None))  # raises 404 / 503
     return {"name": model, "ready": True}
 
 
 @router.get("/v2/models/{model}/versions/{version}/ready", responses={503: {"description": "model not ready"}})
 async def model_version_ready(model: str, version: str, request: Request) -> dict:
-    _entry(request, model, version)
+    state(request).registry.check_ready(_entry(request, model, version))
     return {"name": model, "ready": True}
 
 

@@ -138,5 +138,7 @@ async def health(request: Request) -> dict:
     try:
         entry = registry.get(None)
     except ModelNotFound:
-        raise NotReady(registry.problem or "the default model is not loaded") from None
+        # Why (a missing store, a failed load) is in the log: it names paths, which clients don't need.
+        raise NotReady("the default model is not loaded") from None
+    registry.check_ready(entry)
     return {"status": "ok", "model": entry.name, "version": entry.version}

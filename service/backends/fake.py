@@ -15,11 +15,15 @@ from service.backends.base import BackendInfo
 
 class FakeBackend:
     def __init__(self, dim: int = 8, task: str = "embedding", num_labels: int = 3, normalize: bool = True,
-                 fail_when_token: int | None = None, delay_s: float = 0.0, salt: int = 0):
+                 fail_when_token: int | None = None, delay_s: float = 0.0, salt: int = 0,
+                 hold: threading.Event | None = None):
         self.dim, self.task, self.num_labels, self.normalize = dim, task, num_labels, normalize
         self.salt = salt  # mixed into every row: two fake "versions" of a model answer differently
         self.fail_when_token = fail_when_token  # raise for any batch containing this id (fault tests)
         self.delay_s = delay_s  # simulated inference time, for queueing and timeout tests
+        # A hung backend, for watchdog and deadline tests: every batch waits until the event is set.
+        self.hold = hold
+        self.entered = threading.Event()  # set when a batch first reaches infer()
         self.batches: list[tuple[int, int]] = []  # (batch size, padded length) of every call
         self.seen_ids: list[list[int]] = []  # every row that reached inference, unpadded
         self._lock = threading.Lock()
@@ -43,6 +47,9 @@ class FakeBackend:
         with self._lock:
             self.batches.append(ids.shape)
             self.seen_ids.extend(ids[i][mask[i].astype(bool)].tolist() for i in range(ids.shape[0]))
+        self.entered.set()
+        if self.hold is not None:
+            self.hold.wait()
         if self.delay_s:
             import time
 

@@ -29,8 +29,12 @@ EventHook = Callable[[str, dict], None]
 # After the grace period, how long stop() still waits for a batch already inside a backend; a hung
 # backend must not hang shutdown (the threads are daemons).
 _JOIN_AFTER_GRACE_S = 5.0
-# Weight of the newest batch in the running mean of inference time used for Retry-After.
+# Weight of the newest batch in the running means of inference time per token and tokens per item.
 _EWMA_ALPHA = 0.2
+# The watchdog's automatic limit for one batch: this many times what recent batches say it should take,
+# and never less than the floor (a cold cache, a GC pause or a busy neighbour must not look like a hang).
+STALL_FACTOR = 20.0
+STALL_FLOOR_S = 5.0
 
 
 class _Request:
@@ -44,6 +48,15 @@ class _Request:
         self.results: list[Any] = [None] * size
         self.remaining = size
         self.timing = timing
+
+
+class _Running:
+    """A batch inside a backend, as the watchdog sees it."""
+
+    __slots__ = ("started", "tokens", "stalled")
+
+    def __init__(self, started: float, tokens: int):
+        self.started, self.tokens, self.stalled = started, tokens, False
 
 
 class Reservation:
@@ -71,7 +84,15 @@ class Batcher:
     the event loop or from worker threads; its exceptions are logged and swallowed. Kinds:
     ``"batch"`` {size, padded_tokens, real_tokens, queue_wait_s (list), infer_s, worker},
     ``"rejected"`` {reason: overloaded|timeout|cancelled|shutdown, items} (once per request),
-    ``"error"`` {size, exception_type, worker} (once per failed batch).
+    ``"error"`` {size, exception_type, worker} (once per failed batch),
+    ``"stalled"`` {worker, running_s, limit_s} (a batch ran past its limit; ``check_stalls``) and
+    ``"recovered"`` {worker, running_s} (that batch ended).
+
+    Admission: a request is refused (Overloaded) when its items would not fit in ``max_queue_items``, or
+    when the work already queued would take the workers longer than ``max_queue_wait_s`` (estimated from
+    the queued tokens and the recent inference time per token). So a client that sends its next request
+    only after the answer to the last is never refused while all such clients' requests together are
+    under ``max_queue_wait_s`` of work and ``max_queue_items`` items.
     """
 
     def __init__(
@@ -83,6 +104,7 @@ class Batcher:
         on_event: EventHook | None = None,
         solo_infer_fns: list[InferFn] | None = None,
         max_queue_wait_s: float | None = None,
+        stall_after_s: float | None = None,
     ):
         if not infer_fns:
             raise ValueError("a batcher needs at least one infer fn")
@@ -107,12 +129,17 @@ class Batcher:
         self._queue: list[WorkItem] = []  # arrival order; guarded by _cond
         self._closing = False  # no new submits; workers exit once the queue is empty
         self._halted = False  # workers exit now, queue or not
-        # Recent inference seconds per item (batch time / batch size). Per item, not per batch: under
-        # load, length bucketing (max_padding_ratio) and the token budget make batches far smaller than
-        # max_batch_size, and a per-batch estimate took the queue for a quarter of its real wait.
-        self._item_ewma_s: float | None = None
+        # Recent inference seconds per real token (batch time / the batch's tokens). Per token, not per
+        # batch or per item: length bucketing and the token budget make batches of long texts far smaller
+        # than batches of tweets, and a queue of news costs several times a queue of as many tweets.
+        self._token_ewma_s: float | None = None
+        self._item_tokens_ewma: float | None = None  # recent tokens per item: what a reservation will bring
+        self._queued_tokens = 0  # sum of the queued items' lengths; guarded by _cond
         self._reserved = 0  # items admitted at the door, not queued yet (reserve); guarded by _cond
         self._busy = 0  # workers inside inference; guarded by _cond
+        # A batch running longer than this is stalled (the watchdog's check_stalls); None = automatic.
+        self.stall_after_s = stall_after_s or None
+        self._running: dict[int, _Running] = {}  # worker -> its batch inside the backend; guarded by _cond
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads: list[threading.Thread] = []
@@ -148,7 +175,8 @@ class Batcher:
         await self._wait_for_workers(grace_s)
 
         with self._cond:
-            leftover, self._queue = self._queue, []
+            leftover = self._queue
+            self._set_queue([])
             self._halted = True
             self._cond.notify_all()
         self._fail_requests(leftover, lambda: errors.NotReady("server is shutting down"), "shutdown")
@@ -219,10 +247,15 @@ class Batcher:
                 retry_after_s = self._retry_after_s()
             else:
                 self._queue.extend(request.items)
+                self._queued_tokens += sum(item.length for item in request.items)
                 self._cond.notify()
         if retry_after_s is not None:
             self._reject_overloaded(len(payloads), retry_after_s)
 
+        # The deadline fires on the event loop at its time, whatever the workers are doing: a worker
+        # only looks at the queue between batches, and all of them may be inside long or hung ones.
+        timer = None if deadline is None else loop.call_later(
+            max(0.0, deadline - time.monotonic()), self._deadline_passed, request)
         self._pending.add(request)
         try:
             return await request.future
@@ -231,6 +264,8 @@ class Batcher:
                 self._emit("rejected", {"reason": "cancelled", "items": len(payloads)})
             raise
         finally:
+            if timer is not None:
+                timer.cancel()
             self._pending.discard(request)
 
     def admit(self, items: int) -> None:
@@ -278,12 +313,21 @@ class Batcher:
         raise errors.Overloaded(f"model {self.name!r} is overloaded; retry later", retry_after_s)
 
     def _queue_wait_s(self) -> float:
-        """Estimated time until the queue as it stands is taken by the workers; lock held."""
-        return (len(self._queue) + self._reserved) * (self._item_ewma_s or 0.0) / len(self._infer_fns)
+        """Estimated time until the queue as it stands is taken by the workers; lock held. Reserved
+        requests are not tokenized yet: each of their items counts as a recent item's tokens."""
+        if self._token_ewma_s is None:
+            return 0.0
+        tokens = self._queued_tokens + self._reserved * (self._item_tokens_ewma or 0.0)
+        return tokens * self._token_ewma_s / len(self._infer_fns)
 
     def _retry_after_s(self) -> int:
         """Whole seconds until the current queue is likely worked off; called with the lock held."""
         return max(1, math.ceil(self._queue_wait_s() + self.limits.max_queue_delay_s))
+
+    def _set_queue(self, items: list[WorkItem]) -> None:
+        """Replace the queue, keeping its token count; lock held."""
+        self._queue = items
+        self._queued_tokens = sum(item.length for item in items)
 
     def _withdraw(self, request: _Request) -> bool:
         """Mark a request's items cancelled and take those still queued out; True if any were queued."""
@@ -291,8 +335,20 @@ class Batcher:
             for item in request.items:
                 item.cancelled = True
             before = len(self._queue)
-            self._queue = [item for item in self._queue if not item.cancelled]
+            self._set_queue([item for item in self._queue if not item.cancelled])
             return len(self._queue) < before
+
+    def _deadline_passed(self, request: _Request) -> None:
+        """Event loop, at a request's deadline: if any of its items has not reached inference, withdraw
+        them all and fail the request (503 timeout). Items already inside a batch go on; one that a
+        worker takes at the same moment is either taken (the request goes on) or withdrawn, never both."""
+        if request.future.done():
+            return
+        with self._cond:
+            queued = set(self._queue)  # WorkItem compares by identity
+            waiting = [item for item in request.items if item in queued]
+        if waiting:
+            self._expire(waiting[:1], time.monotonic())
 
     def _deliver(self, batch: list[WorkItem], results: list[Any], taken_at: float, infer_s: float) -> None:
         """Event loop: file each result under its request; complete requests whose items are all back."""
@@ -336,6 +392,40 @@ class Batcher:
                 "timeout",
             )
 
+    # ----------------------------------------------------------------- watchdog
+
+    def check_stalls(self, now: float | None = None) -> int:
+        """Mark batches that have run past their limit as stalled (an ``"stalled"`` event and a log line
+        each, once per batch); return how many are stalled now. Called periodically by the watchdog
+        (service/watchdog.py), from the event loop. A stalled batch clears itself when it ends."""
+        now = time.monotonic() if now is None else now
+        fresh, stalled = [], 0
+        with self._cond:
+            for worker, running in self._running.items():
+                limit = self._stall_limit_s(running)
+                if not running.stalled and now - running.started > limit:
+                    running.stalled = True
+                    fresh.append((worker, now - running.started, limit))
+                stalled += running.stalled
+        for worker, elapsed, limit in fresh:
+            logger.error("batcher %s: worker %d has been inside one batch for %.1f s (limit %.1f s); the model "
+                         "reports not ready until it ends", self.name, worker, elapsed, limit)
+            self._emit("stalled", {"worker": worker, "running_s": elapsed, "limit_s": limit})
+        return stalled
+
+    @property
+    def stalled(self) -> bool:
+        """A batch of this model is inside a backend far past its expected time (see ``check_stalls``)."""
+        with self._cond:
+            return any(running.stalled for running in self._running.values())
+
+    def _stall_limit_s(self, running: _Running) -> float:
+        """How long this batch may run before it counts as stalled; lock held."""
+        if self.stall_after_s is not None:
+            return self.stall_after_s
+        expected = running.tokens * self._token_ewma_s if self._token_ewma_s is not None else 0.0
+        return max(STALL_FLOOR_S, STALL_FACTOR * expected)
+
     def _post(self, callback: Callable, *args: Any) -> None:
         """Worker thread: run ``callback(*args)`` on the event loop."""
         assert self._loop is not None
@@ -357,7 +447,7 @@ class Batcher:
     def _worker(self, worker: int, infer_fn: InferFn, solo_fn: InferFn | None) -> None:
         """Worker thread: take batches until stopped; inference happens outside the lock."""
         while True:
-            taken = self._take()
+            taken = self._take(worker)
             if taken is None:
                 return
             batch, expired, now, alone = taken
@@ -366,7 +456,7 @@ class Batcher:
             if batch:
                 self._run(worker, solo_fn if alone and solo_fn is not None else infer_fn, batch, now)
 
-    def _take(self) -> tuple[list[WorkItem], list[WorkItem], float, bool] | None:
+    def _take(self, worker: int) -> tuple[list[WorkItem], list[WorkItem], float, bool] | None:
         """Block until there is a batch or expired items to hand out; None when the worker should exit.
 
         The flag says whether the batch runs alone: no other worker busy and nothing left queued.
@@ -381,13 +471,14 @@ class Batcher:
                 )
                 gone = set(decision.batch) | set(decision.expired) | set(decision.cancelled)
                 if gone:
-                    self._queue = [item for item in self._queue if item not in gone]
+                    self._set_queue([item for item in self._queue if item not in gone])
                 if decision.batch or decision.expired:
                     if self._queue:  # another idle worker may be able to form the next batch
                         self._cond.notify()
                     alone = self._busy == 0 and not self._queue
                     if decision.batch:
                         self._busy += 1
+                        self._running[worker] = _Running(now, sum(item.length for item in decision.batch))
                     return decision.batch, decision.expired, now, alone
                 if self._closing and not self._queue:
                     return None
@@ -404,6 +495,12 @@ class Batcher:
                 # finds this worker idle (and may run alone).
                 with self._cond:
                     self._busy -= 1
+                    running = self._running.pop(worker, None)
+                if running is not None and running.stalled:
+                    elapsed = time.monotonic() - running.started
+                    logger.warning("batcher %s: worker %d's batch ended after %.1f s; the model is ready again",
+                                   self.name, worker, elapsed)
+                    self._emit("recovered", {"worker": worker, "running_s": elapsed})
             if len(results) != len(batch):
                 raise RuntimeError(f"infer fn returned {len(results)} results for {len(batch)} items")
         except Exception as exc:
@@ -419,19 +516,23 @@ class Batcher:
             )
             return
         infer_s = time.monotonic() - started
+        tokens = sum(item.length for item in batch)
         with self._cond:
-            per_item_s = infer_s / len(batch)
-            previous = self._item_ewma_s
-            self._item_ewma_s = per_item_s if previous is None else previous + _EWMA_ALPHA * (per_item_s - previous)
+            self._token_ewma_s = _ewma(self._token_ewma_s, infer_s / tokens)
+            self._item_tokens_ewma = _ewma(self._item_tokens_ewma, tokens / len(batch))
         self._post(self._deliver, batch, results, taken_at, infer_s)
         self._emit(
             "batch",
             {
                 "size": len(batch),
                 "padded_tokens": len(batch) * max(item.length for item in batch),
-                "real_tokens": sum(item.length for item in batch),
+                "real_tokens": tokens,
                 "queue_wait_s": [taken_at - item.enqueued_at for item in batch],
                 "infer_s": infer_s,
                 "worker": worker,
             },
         )
+
+
+def _ewma(previous: float | None, value: float) -> float:
+    return value if previous is None else previous + _EWMA_ALPHA * (value - previous)

@@ -155,8 +155,8 @@ def test_overload_refusals_are_logged_as_one_counted_line_per_second(tmp_path, c
     settings = ServiceSettings(model_store=tmp_path)
     registry = make_registry(tmp_path, settings, {"minilm": FakeBackend(dim=8)})
     batcher = registry.entries[("minilm", 1)].batcher
-    with TestClient(create_app(settings, registry=registry)) as client, \
-            caplog.at_level(logging.INFO, logger="bertserve.access"):
+    with caplog.at_level(logging.INFO, logger="bertserve.access"), \
+            TestClient(create_app(settings, registry=registry)) as client:
         monkeypatch.setattr(type(batcher), "_saturated", lambda self, items: True)
         assert {client.post("/v1/embeddings", json={"input": "hi"}).status_code for _ in range(20)} == {429}
         client.post("/v1/embeddings", json={"input": "x", "model": "nope"})  # other errors: a line each
@@ -165,6 +165,8 @@ def test_overload_refusals_are_logged_as_one_counted_line_per_second(tmp_path, c
     assert [line["status"] for line in lines if line["status"] != 429] == [404]
     refusal_lines = [line for line in lines if line["status"] == 429]
     assert len(refusal_lines) <= 2 and all(line["refused"] >= 1 for line in refusal_lines)
+    # The last window is flushed too (on its timer, and at shutdown): every refusal is in the log.
+    assert sum(line["refused"] for line in refusal_lines) == 20
 
     clock = iter([0.0, 0.2, 0.4, 1.1, 1.3]).__next__
     log = RefusalLog(interval_s=1.0, clock=clock)

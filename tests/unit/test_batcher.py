@@ -130,7 +130,7 @@ def test_queue_wait_limit_refuses_at_once_while_the_queue_would_take_too_long():
         # must count items, not max_batch_size-sized batches (that took 10 items for one batch).
         one = BatchLimits(max_batch_size=32, max_batch_tokens=4, max_queue_delay_s=0.0)
         batcher = Batcher("m", [gate], one, max_queue_items=1000, max_queue_wait_s=2.5)
-        batcher._item_ewma_s = 1.0  # as if each item had taken a second
+        batcher._token_ewma_s = 0.25  # as if each 4-token item had taken a second
         batcher.start()
         busy = asyncio.create_task(batcher.submit(payloads(1)))
         await gate.wait_entered()
@@ -200,15 +200,16 @@ def test_deadline_expiry_raises_and_item_never_reaches_inference():
         batcher.start()
         busy = asyncio.create_task(batcher.submit(payloads(1)))
         await gate.wait_entered()
-        late = asyncio.create_task(batcher.submit(payloads(7, 8), deadline=time.monotonic() + 0.01))
-        await wait_for_depth(batcher, 2)
-        await asyncio.sleep(0.05)  # past the deadline while the only worker is busy
-        gate.release.set()
-
+        deadline = time.monotonic() + 0.2
+        late = asyncio.create_task(batcher.submit(payloads(7, 8), deadline=deadline))
+        # The only worker stays inside its batch: the deadline must fire on its own, on time.
         with pytest.raises(errors.DeadlineExceeded) as info:
-            await late
+            await asyncio.wait_for(late, 2.0)
+        assert time.monotonic() >= deadline and not gate.release.is_set()
         assert "timed out after" in info.value.message
         assert info.value.status_code == 503
+        assert batcher.queue_depth == 0
+        gate.release.set()
         assert await busy == [2]
         await batcher.stop(grace_s=1.0)
         assert gate.seen == [[1]]
@@ -409,3 +410,74 @@ def test_batch_event_and_a_failing_hook_do_not_break_serving(caplog):
     for d in batches:
         assert set(d) >= {"size", "padded_tokens", "real_tokens", "queue_wait_s", "infer_s"}
         assert d["padded_tokens"] >= d["real_tokens"] and len(d["queue_wait_s"]) == d["size"]
+
+
+def test_deadline_of_a_request_already_in_inference_does_not_fail_it():
+    async def main():
+        gate = Gate()
+        batcher = Batcher("m", [gate], IMMEDIATE, max_queue_items=10)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit(payloads(1), deadline=time.monotonic() + 0.05))
+        await gate.wait_entered()
+        await asyncio.sleep(0.1)  # past its deadline, but it reached inference before it
+        gate.release.set()
+        assert await running == [2]
+        await batcher.stop(grace_s=1.0)
+
+    run(main())
+
+
+def test_wait_estimate_counts_tokens_so_a_queue_of_news_costs_more_than_one_of_tweets():
+    async def main():
+        gate = Gate()
+        batcher = Batcher("m", [gate], IMMEDIATE, max_queue_items=1000, max_queue_wait_s=1.0)
+        batcher._token_ewma_s = 0.001  # a millisecond per token
+        batcher.start()
+        busy = asyncio.create_task(batcher.submit(payloads(1)))
+        await gate.wait_entered()
+        tweets = asyncio.create_task(batcher.submit(payloads(*range(10), length=40)))  # 0.4 s of work
+        await wait_for_depth(batcher, 10)
+        batcher.admit(1)  # 0.4 s < 1 s: room
+        news = asyncio.create_task(batcher.submit(payloads(*range(4), length=256)))  # about 1 s more
+        await wait_for_depth(batcher, 14)
+        with pytest.raises(errors.Overloaded):  # 400 + 1024 tokens: 1.4 s > 1 s
+            batcher.admit(1)
+        gate.release.set()
+        await asyncio.gather(busy, tweets, news)
+        await batcher.stop(grace_s=1.0)
+
+    run(main())
+
+
+def test_watchdog_marks_a_batch_past_its_limit_stalled_until_it_ends():
+    async def main():
+        gate = Gate()
+        events = []
+        batcher = Batcher("m", [gate], IMMEDIATE, max_queue_items=10, stall_after_s=0.05,
+                          on_event=lambda k, d: events.append((k, d)))
+        batcher.start()
+        busy = asyncio.create_task(batcher.submit(payloads(1)))
+        await gate.wait_entered()
+        assert batcher.check_stalls() == 0 and not batcher.stalled
+        await asyncio.sleep(0.1)
+        assert batcher.check_stalls() == 1 and batcher.stalled
+        assert batcher.check_stalls() == 1  # counted once per batch, however often it is checked
+        assert [k for k, _ in events if k == "stalled"] == ["stalled"]
+        gate.release.set()
+        assert await busy == [2]
+        assert not batcher.stalled and batcher.check_stalls() == 0
+        assert [k for k, _ in events if k in ("stalled", "recovered")] == ["stalled", "recovered"]
+        await batcher.stop(grace_s=1.0)
+
+    run(main())
+
+
+def test_automatic_stall_limit_follows_recent_batches_with_a_floor():
+    from service.batching.batcher import STALL_FACTOR, STALL_FLOOR_S, _Running
+
+    batcher = Batcher("m", [doubling()], IMMEDIATE, max_queue_items=10)
+    assert batcher._stall_limit_s(_Running(0.0, 100)) == STALL_FLOOR_S  # nothing measured yet
+    batcher._token_ewma_s = 0.01  # 10 ms per token: a 100-token batch should take 1 s
+    assert batcher._stall_limit_s(_Running(0.0, 100)) == pytest.approx(STALL_FACTOR * 1.0)
+    assert Batcher("m", [doubling()], IMMEDIATE, max_queue_items=10,
+                   stall_after_s=2.0)._stall_limit_s(_Running(0.0, 100)) == 2.0
