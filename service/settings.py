@@ -74,6 +74,9 @@ class ServiceSettings(BaseSettings):
     max_inputs_per_request: int = Field(256, ge=1)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_chars_per_text: int = Field(100_000, ge=1)
+    # Tokens per request, after truncation (413 beyond): bounds one request's tokenizing, inference and
+    # answer. 256 texts of 512 tokens fit; /tokenize of megabytes of text does not.
+    max_tokens_per_request: int = Field(131_072, ge=1)
     tokenizer_threads: int = Field(2, ge=1, le=64)
 
     # Access control (service/auth.py). Comma-separated keys for `Authorization: Bearer KEY` on the

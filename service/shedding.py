@@ -21,8 +21,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.errors import Overloaded, ServiceError
 from service.metrics import KSERVE_INFER_ROUTE, KSERVE_VERSION_INFER_ROUTE
 
-# Routes whose model is named in the JSON body ("model", or the default model when absent).
-BODY_NAMED = frozenset({"/v1/embeddings", "/embed", "/predict"})
+# Routes whose model is named in the JSON body ("model", or the default model when absent). /tokenize
+# does no inference, but tokenizing a large request costs a core as inference does.
+BODY_NAMED = frozenset({"/v1/embeddings", "/embed", "/predict", "/tokenize"})
 # KServe v2 names the model (and maybe the version) in the path.
 KSERVE_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]{1,9}))?/infer$")
 

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
+import orjson
 from tokenizers import Tokenizer
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, PayloadTooLarge
 
 Direction = Literal["right", "left"]
 
@@ -101,16 +102,28 @@ class TextTokenizer:
             out.append(Encoded(np.asarray(full, dtype=np.int64), np.zeros(len(full), dtype=np.int64), cut))
         return out
 
-    def tokenize(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[dict]]:
-        """TEI's /tokenize: every token with its id, text, special flag and character offsets."""
+    def tokenize(self, texts: Sequence[str], add_special_tokens: bool = True, compact: bool = False,
+                 max_tokens: int | None = None, field: str = "inputs") -> bytes:
+        """/tokenize's answer as JSON bytes, built where it is called (the tokenizer pool for a large
+        request). TEI's form: per text, every token as {id, text, special, start, stop}. The compact
+        form: per text, {ids, tokens, offsets, special} as parallel lists, which orjson writes straight
+        from the tokenizer's own lists, with no Python object per token. Raises PayloadTooLarge past
+        ``max_tokens`` in all, before building anything."""
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        total = sum(len(enc) for enc in encodings)
+        if max_tokens is not None and total > max_tokens:
+            raise PayloadTooLarge(f"{field} has {total} tokens in all; at most {max_tokens} per request "
+                                  f"(BERTSERVE_MAX_TOKENS_PER_REQUEST)")
+        if compact:
+            return orjson.dumps([{"ids": enc.ids, "tokens": enc.tokens, "offsets": enc.offsets,
+                                  "special": enc.special_tokens_mask} for enc in encodings])
         result = []
-        for text, enc in zip(texts, self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)):
-            tokens = []
-            for tid, tok, (start, stop), special in zip(enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask):
-                tokens.append({"id": int(tid), "text": tok, "special": bool(special),
-                               "start": None if special else start, "stop": None if special else stop})
-            result.append(tokens)
-        return result
+        for enc in encodings:
+            result.append([{"id": tid, "text": tok, "special": bool(special),
+                            "start": None if special else start, "stop": None if special else stop}
+                           for tid, tok, (start, stop), special
+                           in zip(enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask)])
+        return orjson.dumps(result)
 
 
 def pad_batch(items: Sequence[Encoded], input_names: Sequence[str], pad_id: int) -> dict[str, np.ndarray]:

@@ -16,8 +16,8 @@ from service.tokenization import Direction, Encoded
 from service.tracing import annotate_request
 
 
-# Requests with less text than this are tokenized on the event loop; longer ones in the pool, so a
-# big request never stalls the loop.
+# Requests with less text (characters, or token ids) than this are tokenized on the event loop; larger
+# ones in the tokenizer pool, so a big request never stalls the loop.
 INLINE_TOKENIZE_CHARS = 2000
 
 
@@ -91,12 +91,29 @@ def check_ids(request: Request, sequences: Sequence[Sequence[int]], field: str =
     _check_count(request, sequences, field, "input")
 
 
+def check_token_total(request: Request, tokens: int, field: str) -> None:
+    """The per-request cap on tokens (after truncation): bounds the work and the answer of one request."""
+    limit = state(request).settings.max_tokens_per_request
+    if tokens > limit:
+        raise PayloadTooLarge(f"{field} has {tokens} tokens in all; at most {limit} per request "
+                              f"(BERTSERVE_MAX_TOKENS_PER_REQUEST)")
+
+
+async def off_loop(request: Request, size: int, fn, *args):
+    """``fn(*args)`` on the event loop when ``size`` (characters or token ids) is small, else in the
+    tokenizer pool: a tweet tokenizes in tens of microseconds, cheaper than the hop to a thread and back,
+    while a request of megabytes would stall every other client."""
+    if size <= INLINE_TOKENIZE_CHARS:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(state(request).tokenizer_pool, fn, *args)
+
+
 def _reservation(request: Request):
     """The room the door (service/shedding.py) reserved for this request in its model's queue, if any."""
     return request.scope.get("state", {}).get("reservation")
 
 
-def _admit(request: Request, entry: ModelEntry, items: int) -> None:
+def admit(request: Request, entry: ModelEntry, items: int) -> None:
     """An overloaded model refuses before the tokenizing work, unless the door already admitted the
     request into this model's queue (its reservation counts there; admitting again would count it twice)."""
     reservation = _reservation(request)
@@ -107,15 +124,11 @@ def _admit(request: Request, entry: ModelEntry, items: int) -> None:
 async def encode_texts(request: Request, entry: ModelEntry, texts: Sequence[str], truncate: bool,
                        direction: Direction = "right", field: str = "input") -> list[Encoded]:
     check_texts(request, texts, field)
-    _admit(request, entry, len(texts))
+    admit(request, entry, len(texts))
     began = time.perf_counter()
-    if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
-        # A tweet tokenizes in tens of microseconds: cheaper than the hop to a pool thread and back.
-        encoded = entry.tokenizer.encode_texts(list(texts), truncate, direction, field)
-    else:
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(state(request).tokenizer_pool, entry.tokenizer.encode_texts,
-                                             list(texts), truncate, direction, field)
+    encoded = await off_loop(request, sum(len(t) for t in texts), entry.tokenizer.encode_texts, list(texts),
+                             truncate, direction, field)
+    check_token_total(request, sum(len(e) for e in encoded), field)
     _record_tokenization(request, entry, began, encoded)
     return encoded
 
@@ -123,9 +136,11 @@ async def encode_texts(request: Request, entry: ModelEntry, texts: Sequence[str]
 async def encode_ids(request: Request, entry: ModelEntry, sequences: Sequence[Sequence[int]], truncate: bool,
                      direction: Direction = "right", field: str = "input") -> list[Encoded]:
     check_ids(request, sequences, field)
-    _admit(request, entry, len(sequences))
+    admit(request, entry, len(sequences))
     began = time.perf_counter()
-    encoded = entry.tokenizer.encode_ids(sequences, truncate, direction, field)
+    encoded = await off_loop(request, sum(len(s) for s in sequences), entry.tokenizer.encode_ids, sequences,
+                             truncate, direction, field)
+    check_token_total(request, sum(len(e) for e in encoded), field)
     _record_tokenization(request, entry, began, encoded)
     return encoded
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Literal, Union
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from service.api.responses import FastJSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.common import check_texts, encode_texts, model_entry, run, state
+from service.api.common import admit, check_texts, encode_texts, model_entry, off_loop, run, state
 from service.api.errors import ERROR_RESPONSES
 from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.embedding_types import EmbeddingType
@@ -48,6 +48,10 @@ class PredictRequest(_TeiRequest):
 class TokenizeRequest(_TeiRequest):
     inputs: Union[str, list[str]]
     add_special_tokens: bool = True
+    format: Literal["tokens", "compact"] = Field(
+        "tokens", description="bertserve extension: `tokens` (TEI's answer, an object per token) or `compact`, "
+                              "per input {ids, tokens, offsets, special} as parallel lists (offsets [start, stop] "
+                              "in characters; special tokens have [0, 0]): smaller, and far cheaper for long texts")
 
 
 class Score(BaseModel):
@@ -61,6 +65,13 @@ class Token(BaseModel):
     special: bool
     start: int | None
     stop: int | None
+
+
+class CompactTokens(BaseModel):
+    ids: list[int]
+    tokens: list[str]
+    offsets: list[tuple[int, int]]
+    special: list[int] = Field(description="1 for a special token, else 0")
 
 
 def _texts(inputs) -> list[str]:
@@ -106,12 +117,18 @@ async def predict(body: PredictRequest, request: Request):
     return FastJSONResponse(result[0] if single else result)
 
 
-@router.post("/tokenize", response_model=list[list[Token]])
+@router.post("/tokenize", response_model=Union[list[list[Token]], list[CompactTokens]])
 async def tokenize(body: TokenizeRequest, request: Request):
     entry = model_entry(request, body.model)
     texts = _texts(body.inputs)
     check_texts(request, texts, "inputs")
-    return FastJSONResponse(entry.tokenizer.tokenize(texts, body.add_special_tokens))
+    # Admitted like an inference request (the door reserved its room, or this checks it): tokenizing
+    # megabytes costs a core as inference does, and an overloaded model must shed it too.
+    admit(request, entry, len(texts))
+    answer = await off_loop(request, sum(len(t) for t in texts), entry.tokenizer.tokenize, texts,
+                            body.add_special_tokens, body.format == "compact",
+                            state(request).settings.max_tokens_per_request, "inputs")
+    return Response(answer, media_type="application/json")
 
 
 @router.get("/info")

@@ -145,6 +145,7 @@ def test_saturated_model_is_refused_at_the_door_before_any_route_work(tmp_path, 
         monkeypatch.setattr(common, "check_texts", lambda *a, **k: reached_route.append(a))
         monkeypatch.setattr(type(batcher), "_saturated", lambda self, items: True)
         for path, body in [("/v1/embeddings", {"input": "hello"}), ("/embed", {"inputs": "hello"}),
+                           ("/tokenize", {"inputs": ["hello"] * 3}),
                            ("/v2/models/minilm/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
                                                                    "data": ["hello"]}]})]:
             r = client.post(path, json=body, headers={"x-request-id": "shed-1"})
@@ -158,9 +159,9 @@ def test_saturated_model_is_refused_at_the_door_before_any_route_work(tmp_path, 
                            headers={"content-type": "application/json"}).status_code == 422
         assert client.post("/v1/embeddings", json={"input": "x", "model": "nope"}).status_code == 404
         metrics = client.get("/metrics").text
-        assert 'bertserve_rejections_total{model="minilm",reason="overloaded"} 3.0' in metrics
+        assert 'bertserve_rejections_total{model="minilm",reason="overloaded"} 4.0' in metrics
         # Counted under the route each was for, though refused before routing.
-        for route in ("/v1/embeddings", "/embed", "/v2/models/{model}/infer"):
+        for route in ("/v1/embeddings", "/embed", "/tokenize", "/v2/models/{model}/infer"):
             assert f'bertserve_requests_total{{code="429",model="minilm",route="{route}"}} 1.0' in metrics, route
         assert 'route="unmatched"' not in metrics
         monkeypatch.undo()
