@@ -3,21 +3,31 @@
 Every published variant directory holds ``manifest.json`` describing how the variant was made
 (lineage), what it is (format, precision, inputs/outputs, pooling), what it measured (quality
 against the fp32 reference, latency probe, fused-node counts) and the sha256 of every file. The
-server refuses a variant whose files do not match. This module depends on pydantic only, so the
-build and the server (and unit tests) can import it without torch.
+server refuses a variant whose files do not match, whose folder holds a file it does not list, or that
+names a path outside its folder. This module depends on pydantic only, so the build and the server
+(and unit tests) can import it without torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+# What the server reads from a variant's tokenizer folder (service/tokenization.py).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+# ASCII digits only ("١" and "²" are digits to str.isdigit()), at most 9 as the KServe routes take, and
+# no leading zero: "01" beside "1" would be a second folder for one version. 0 is no version.
+VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
 Task = Literal["embedding", "classification"]
 Format = Literal["onnx", "torchscript"]
@@ -142,7 +152,7 @@ class LatencyProbe(_Strict):
 
 class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    name: str = Field(pattern=f"^{NAME.pattern}$")
     version: int = Field(ge=1)
     family: str | None = None  # the recipe's family: variants of one source, compared on one chart
     task: Task
@@ -200,30 +210,96 @@ def hash_tree(root: Path, exclude: tuple[str, ...] = (MANIFEST_FILE,)) -> dict[s
     return entries
 
 
-def version_numbers(name_dir: Path) -> list[int]:
-    """Published versions under ``<store>/<name>/``: integer-named folders, ascending."""
+Skip = Callable[[Path, str], None]  # (path, why) of a store entry that is no variant's folder
+
+
+def _ignore(_path: Path, _why: str) -> None:
+    pass
+
+
+def version_numbers(name_dir: Path, skip: Skip = _ignore) -> list[int]:
+    """Published versions under ``<store>/<name>/``, ascending: folders named by a version number
+    (``VERSION``). Every other entry goes to ``skip`` with the reason, but hidden ones, which are
+    nobody's business. Raises OSError when ``name_dir`` cannot be listed."""
     if not name_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in name_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    versions = []
+    for path in sorted(name_dir.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if not VERSION.fullmatch(path.name):
+            skip(path, _not_a_version(path.name))
+            continue
+        try:
+            is_dir = path.is_dir()
+        except OSError as exc:
+            skip(path, _unreadable(exc))
+            continue
+        if is_dir:
+            versions.append(int(path.name))
+        else:
+            skip(path, "not a folder")
+    return sorted(versions)
 
 
-def store_versions(store: Path) -> dict[str, list[int]]:
-    """Every variant name in a store with its versions; hidden folders (the build's staging) are skipped."""
+def store_versions(store: Path, skip: Skip = _ignore) -> dict[str, list[int]]:
+    """Every variant name in a store with its versions. Hidden folders (the build's staging) are left
+    out; every other entry that is not a model folder (``NAME``, the manifest's name pattern) holding
+    version folders goes to ``skip`` with the reason. Raises OSError when ``store`` cannot be listed."""
     if not store.is_dir():
         return {}
     found = {}
     for name_dir in sorted(store.iterdir()):
-        if name_dir.is_dir() and not name_dir.name.startswith("."):
-            versions = version_numbers(name_dir)
-            if versions:
-                found[name_dir.name] = versions
+        if name_dir.name.startswith("."):
+            continue
+        if not NAME.fullmatch(name_dir.name):
+            skip(name_dir, "not a model folder (a model's name is lower-case letters, digits, '.', '_' and '-')")
+            continue
+        try:
+            if not name_dir.is_dir():
+                skip(name_dir, "not a folder")
+                continue
+            versions = version_numbers(name_dir, skip)
+        except OSError as exc:
+            skip(name_dir, _unreadable(exc))
+            continue
+        if versions:
+            found[name_dir.name] = versions
     return found
 
 
-def load_manifest(variant_dir: Path) -> Manifest:
-    path = Path(variant_dir) / MANIFEST_FILE
+def _not_a_version(name: str) -> str:
+    rule = "versions are numbers from 1 to 999999999 in ASCII digits, without leading zeros"
+    if len(name) > 1 and name.startswith("0") and name.isascii() and name.isdigit():
+        return f"not a version folder: a leading zero ({rule})"
+    return f"not a version folder ({rule})"
+
+
+def _unreadable(exc: OSError) -> str:
+    return f"cannot be read ({exc.strerror or exc})"
+
+
+def inside(variant_dir: Path, rel: str) -> Path:
+    """``variant_dir / rel`` with symlinks resolved, for ``rel`` a path a manifest names. A version folder
+    is closed: raises ManifestError naming ``rel`` unless it is written as hash_tree writes paths
+    (relative, "/"-separated, no empty, "." or ".." part) and stays in the folder through any symlink."""
+    root = Path(variant_dir)
+    if not rel or rel.startswith("/") or any(part in ("", ".", "..") for part in rel.split("/")):
+        raise ManifestError(f"{root}: {rel!r} is not a path inside the version folder")
     try:
-        raw = json.loads(path.read_text())
+        base = root.resolve()
+        path = (base / rel).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        raise ManifestError(f"{root}: {rel!r} cannot be resolved to a path inside the version folder") from None
+    if not path.is_relative_to(base):
+        raise ManifestError(f"{root}: {rel} leads out of the version folder")
+    return path
+
+
+def load_manifest(variant_dir: Path) -> Manifest:
+    path = Path(variant_dir) / MANIFEST_FILE  # as messages name it: the registry shortens the store's path
+    try:
+        raw = json.loads(inside(variant_dir, MANIFEST_FILE).read_text())
     except FileNotFoundError:
         raise ManifestError(f"{path}: no manifest") from None
     except (OSError, json.JSONDecodeError) as exc:
@@ -237,10 +313,12 @@ def load_manifest(variant_dir: Path) -> Manifest:
 
 
 def verify_files(variant_dir: Path, manifest: Manifest) -> None:
-    """Raise ManifestError unless every listed file exists with its recorded size and sha256."""
+    """Raise ManifestError unless the version folder holds the files the manifest lists, each with its
+    recorded size and sha256, and nothing else but ``manifest.json`` and folders; every path the manifest
+    names leads to a place inside the folder; and every file the server reads is among the listed."""
     root = Path(variant_dir)
     for rel, entry in manifest.files.items():
-        path = root / rel
+        path = inside(root, rel)
         if not path.is_file():
             raise ManifestError(f"{root}: file {rel} listed in the manifest is missing")
         if path.stat().st_size != entry.size_bytes:
@@ -249,9 +327,23 @@ def verify_files(variant_dir: Path, manifest: Manifest) -> None:
             )
         if sha256_file(path) != entry.sha256:
             raise ManifestError(f"{root}: file {rel} does not match its sha256 in the manifest")
-    for required in (manifest.model_file,):
-        if required not in manifest.files:
-            raise ManifestError(f"{root}: model file {required} is not listed in the manifest files")
+    inside(root, manifest.model_file)
+    if manifest.model_file not in manifest.files:
+        raise ManifestError(f"{root}: model file {manifest.model_file} is not listed in the manifest files")
+    inside(root, manifest.tokenizer_dir)
+    # By name, not only by the walk below: a folder that may be entered but not listed hides its files
+    # from the walk, not from the server.
+    for name in TOKENIZER_FILES:
+        rel = f"{manifest.tokenizer_dir}/{name}"
+        if rel not in manifest.files and os.path.lexists(inside(root, rel)):
+            raise ManifestError(f"{root}: file {rel} is not listed in the manifest files")
+    # Anything else is refused too, hidden files included: publishing lists every file (hash_tree), so
+    # an unlisted one was added afterwards, and no rule here has to know which of them the server reads.
+    # A symlink to a folder is not followed, so it cannot be listed: it is refused as well.
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if rel != MANIFEST_FILE and rel not in manifest.files and (path.is_symlink() or not path.is_dir()):
+            raise ManifestError(f"{root}: file {rel} is not listed in the manifest files")
 
 
 def load_verified(variant_dir: Path) -> Manifest:

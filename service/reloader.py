@@ -42,18 +42,29 @@ def _fingerprint(path: Path) -> Fingerprint:
     return tuple(files)
 
 
-def scan_store(store: Path) -> Scan:
+def scan_store(store: Path, skipped: dict[str, str] | None = None) -> Scan:
     """Every published version in ``store``. Hidden folders (.staging, .checkpoints) are skipped, and
-    so is a version folder without its manifest: one being copied in by hand, not yet complete."""
+    so is a version folder without its manifest: one being copied in by hand, not yet complete. So is
+    whatever else is there (see service/manifest.py ``store_versions``) and a version folder that
+    cannot be read: those go into ``skipped`` as relative path -> why. Raises OSError only when the
+    store itself cannot be listed."""
+
+    def skip(path: Path, why: str) -> None:
+        if skipped is not None:
+            skipped[path.relative_to(store).as_posix()] = why
+
     found: Scan = {}
-    for name, versions in store_versions(store).items():
+    for name, versions in store_versions(store, skip).items():
         for version in versions:
             path = store / name / str(version)
             try:
-                if (path / MANIFEST_FILE).is_file():
+                # Listing, not a stat of the manifest: a folder that cannot be listed cannot be loaded.
+                if any(p.name == MANIFEST_FILE for p in path.iterdir()):
                     found.setdefault(name, {})[version] = _fingerprint(path)
-            except OSError:  # removed while we looked: it is gone
+            except FileNotFoundError:  # removed while we looked: it is gone
                 continue
+            except OSError as exc:
+                skip(path, f"cannot be read ({exc.strerror or exc})")
     return found
 
 
@@ -72,6 +83,7 @@ class Reloader:
         self._refused: dict[tuple[str, int], Fingerprint] = {}  # failed versions and the files they had
         self._last_scan: dict[tuple[str, int], Fingerprint] = {}
         self._store_problem: str | None = None
+        self._skipped: set[str] = set()  # store entries the last scan skipped: each is logged once
 
     # ------------------------------------------------------------ entry points
 
@@ -213,16 +225,22 @@ class Reloader:
     # ------------------------------------------------------------ the store
 
     async def _scan(self) -> Scan | None:
-        """The store's versions, or None when it is missing or empty: then nothing changes, since an
-        unmounted volume looks empty and must not unload every model."""
+        """The store's versions, or None when it is missing, unreadable or empty: then nothing changes,
+        since an unmounted volume looks empty and must not unload every model."""
         store = self.store
-        scan = await asyncio.to_thread(scan_store, store) if store.is_dir() else None
-        if scan is None:
-            problem = f"model store {store} does not exist; run `make build`"
-        elif not scan:
-            problem = f"model store {store} holds no variants; run `make build`"
-        else:
-            problem = None
+        skipped: dict[str, str] = {}
+        try:
+            scan = await asyncio.to_thread(scan_store, store, skipped) if store.is_dir() else None
+            problem = None if scan is not None else f"model store {store} does not exist; run `make build`"
+        except OSError as exc:
+            scan, problem = None, f"model store {store} cannot be read ({exc.strerror or exc})"
+        if scan is not None:
+            # Once per stray, not at every poll; one that goes and comes back is news again.
+            for path in sorted(skipped.keys() - self._skipped):
+                log.warning("model store: skipping %r: %s", path, skipped[path])
+            self._skipped = set(skipped)
+            if not scan:
+                problem = f"model store {store} holds no variants; run `make build`"
         if problem != self._store_problem and problem is not None:
             log.error("%s%s", problem, "; serving what is loaded" if self.registry.ready else "")
         self._store_problem = problem

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from service.backends.base import BackendInfo, ProviderUnavailable, warmup_batch
-from service.manifest import Manifest
+from service.manifest import Manifest, inside
 from service.settings import ServiceSettings
 
 
@@ -39,7 +39,7 @@ class OnnxBackend:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.ort_spinning else "0")
-        session = ort.InferenceSession(str(path / manifest.model_file), opts, providers=providers)
+        session = ort.InferenceSession(str(inside(path, manifest.model_file)), opts, providers=providers)
         return cls(session, manifest, session.get_providers()[0])
 
     def warmup(self) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from service.backends.base import BackendInfo, ProviderUnavailable, warmup_batch
-from service.manifest import Manifest
+from service.manifest import Manifest, inside
 from service.settings import ServiceSettings
 
 
@@ -28,7 +28,7 @@ class TorchScriptBackend:
         if "cuda" in manifest.providers and "cpu" not in manifest.providers and device != "cuda":
             raise ProviderUnavailable("built for CUDA; no CUDA device here")
         torch.set_num_threads(settings.threads)
-        module = torch.jit.load(str(path / manifest.model_file), map_location=device)
+        module = torch.jit.load(str(inside(path, manifest.model_file)), map_location=device)
         module.eval()
         return cls(module, manifest, device)
 

@@ -239,6 +239,32 @@ def test_a_broken_newest_version_at_start_up_leaves_the_one_before_serving(store
         assert value(scrape(client), "bertserve_model_load_failures_total", model="m") == 1
 
 
+def test_a_file_added_to_a_published_version_is_refused_naming_it(store):
+    with TestClient(make_app(store, admin_key=ADMIN_KEY)) as client:
+        (publish(store, "m", 2) / "tokenizer" / "added.json").write_text("{}")
+        r = client.post("/v2/repository/models/m/load", headers=AUTH)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "model_load_failed", r.text
+        message = r.json()["error"]["message"]
+        assert "m/2: file tokenizer/added.json is not listed" in message and "still serving v1" in message
+        assert str(store) not in message
+        assert served(client)[0] == "1"
+        state, reason = index(client)[("m", "2")]
+        assert state == "UNAVAILABLE" and "tokenizer/added.json" in reason
+
+
+def test_an_untidy_store_starts_and_answers_the_repository_routes(store):
+    (store / "lost+found").mkdir()
+    (store / "README.md").write_text("models live here\n")
+    for name in ("²", "١", "01"):
+        (store / "m" / name).mkdir()
+    (store / "m" / "notes.txt").write_text("")
+    with TestClient(make_app(store, admin_key=ADMIN_KEY)) as client:
+        assert served(client)[0] == "1"
+        assert index(client) == {("m", "1"): ("READY", "")}
+        assert client.post("/v2/repository/models/m/load", headers=AUTH).status_code == 200
+        assert client.post("/v2/repository/models/m/unload", headers=AUTH).status_code == 200
+
+
 # ------------------------------------------------------------------ version policy
 
 

@@ -8,6 +8,7 @@ test checks each answer against the version that claims it, not only the version
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -162,3 +163,26 @@ def test_unloading_under_load_answers_every_accepted_request(store):
     drained = [o for o in outcomes if o.status == 200 and o.done > asked]
     print(f"\nunload: {load.summary()} in all; {len(drained)} answered with 200 after unload_model was called "
           f"(it took {unloaded - asked:.2f} s), then 404s only")
+
+
+def test_a_version_whose_tokenizer_is_not_listed_is_refused_and_v1_serves(built, store):
+    """The server reads the tokenizer at load: one changed after publishing and left out of the manifest
+    is refused, named in the index, and v1 goes on serving."""
+    import httpx
+
+    publish_v2(built, store)
+    v2 = store / "tiny" / "2"
+    manifest = json.loads((v2 / "manifest.json").read_text())
+    del manifest["files"]["tokenizer/tokenizer.json"]
+    (v2 / "manifest.json").write_text(json.dumps(manifest))
+    tokenizer = v2 / "tokenizer" / "tokenizer.json"
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))  # still loads; other bytes
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": TEXTS[:1]}]}
+    with serve(store, admin_key=ADMIN_KEY) as live:
+        index = httpx.post(f"{live.url}/v2/repository/index", headers=auth, timeout=30).json()
+        answer = httpx.post(f"{live.url}/v2/models/tiny/infer", json=body, timeout=30)
+    states = {m["version"]: (m["state"], m["reason"]) for m in index}
+    assert states["1"] == ("READY", "")
+    assert states["2"][0] == "UNAVAILABLE" and "tokenizer/tokenizer.json is not listed" in states["2"][1], states
+    assert answer.status_code == 200 and answer.json()["model_version"] == "1", answer.text
