@@ -57,9 +57,12 @@ class ServiceSettings(BaseSettings):
     # 1.15 served short tweets at concurrency 32 at 188-200 texts/s against 144-151 with 1.5 (bench/).
     max_padding_ratio: float = Field(1.15, ge=0)
     max_queue_items: int = Field(4096, ge=1)  # beyond this, 429 with Retry-After
-    # Also 429 while the queued work alone would take longer than this to reach (estimated from recent
-    # batch times): under overload a client hears at once, not after request_timeout_s. 0 = off.
-    max_queue_wait_ms: float = Field(2000.0, ge=0)
+    # Also 429 while the queued work alone would take longer than this to reach (estimated from the
+    # queued tokens and recent batch times): under overload a client hears at once, not after
+    # request_timeout_s. It is also what the queue is sized for: clients that wait for each answer
+    # before sending again are never refused while their requests together are less work than this.
+    # A third of the request timeout, so accepted work keeps most of its time. 0 = off.
+    max_queue_wait_ms: float = Field(10_000.0, ge=0)
 
     # The watchdog (service/watchdog.py): a batch inside a backend for longer than this marks its model
     # not ready (readiness probes 503) until it ends. 0 = automatic: 20 times what recent batches say

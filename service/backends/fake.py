@@ -16,11 +16,12 @@ from service.backends.base import BackendInfo
 class FakeBackend:
     def __init__(self, dim: int = 8, task: str = "embedding", num_labels: int = 3, normalize: bool = True,
                  fail_when_token: int | None = None, delay_s: float = 0.0, salt: int = 0,
-                 hold: threading.Event | None = None):
+                 hold: threading.Event | None = None, per_token_s: float = 0.0):
         self.dim, self.task, self.num_labels, self.normalize = dim, task, num_labels, normalize
         self.salt = salt  # mixed into every row: two fake "versions" of a model answer differently
         self.fail_when_token = fail_when_token  # raise for any batch containing this id (fault tests)
         self.delay_s = delay_s  # simulated inference time, for queueing and timeout tests
+        self.per_token_s = per_token_s  # and per padded token: a model of fixed speed, for admission tests
         # A hung backend, for watchdog and deadline tests: every batch waits until the event is set.
         self.hold = hold
         self.entered = threading.Event()  # set when a batch first reaches infer()
@@ -50,10 +51,10 @@ class FakeBackend:
         self.entered.set()
         if self.hold is not None:
             self.hold.wait()
-        if self.delay_s:
+        if self.delay_s or self.per_token_s:
             import time
 
-            time.sleep(self.delay_s)
+            time.sleep(self.delay_s + self.per_token_s * ids.size)
         if self.fail_when_token is not None and (ids == self.fail_when_token).any():
             raise RuntimeError("fake backend failure: secret internal detail")
         rows = [self.row(ids[i][mask[i].astype(bool)]) for i in range(ids.shape[0])]

@@ -52,7 +52,7 @@ def fake_manifest(name: str, task: str, dim: int, max_seq_len: int, ranges: bool
 
 
 def make_registry(tmp_path: Path, settings: ServiceSettings, backends: dict[str, FakeBackend] | None = None,
-                  max_seq_len: int = 32, without_ranges: frozenset[str] = frozenset()) -> Registry:
+                  max_seq_len: int = 32, without_ranges: frozenset[str] = frozenset(), instances: int = 1) -> Registry:
     registry = Registry(settings)
     tok_dir = tokenizer_dir(tmp_path)
     backends = backends or {"minilm": FakeBackend(dim=8), "clf": FakeBackend(task="classification", num_labels=3)}
@@ -61,7 +61,7 @@ def make_registry(tmp_path: Path, settings: ServiceSettings, backends: dict[str,
         manifest = fake_manifest(name, task, backend.dim if task == "embedding" else backend.num_labels, max_seq_len,
                                  ranges=name not in without_ranges)
         entry = ModelEntry(name=name, version=1, path=tmp_path, status="ready", manifest=manifest,
-                           tokenizer=TextTokenizer(tok_dir, max_seq_len), backends=[backend])
+                           tokenizer=TextTokenizer(tok_dir, max_seq_len), backends=[backend] * instances)
         entry.batcher = registry._make_batcher(entry)
         registry.entries[(name, 1)] = entry
     return registry

@@ -171,3 +171,27 @@ def test_saturated_model_is_refused_at_the_door_before_any_route_work(tmp_path, 
         assert client.post("/v1/embeddings", json={"input": ["a", ""]}).status_code == 422
         assert client.post("/embed", json={"inputs": ["a", "b"]}).status_code == 200
         assert batcher._reserved == 0
+
+
+def test_closed_loop_clients_within_what_the_queue_holds_are_never_refused(tmp_path):
+    # A batch-indexing job: 8 clients, each sending 16 texts (tweets and news up to 256 tokens) and the
+    # next only after its answer. The model runs at a fixed speed near the real MiniLM's on one core
+    # (0.2 ms per padded token), two instances, every setting at its default. Together the requests
+    # are far less work than the queue is sized for (max_queue_wait_ms), so none may be refused.
+    settings = ServiceSettings(model_store=tmp_path, access_log=False)
+    backend = FakeBackend(dim=8, per_token_s=0.0002)
+    registry = make_registry(tmp_path, settings, {"minilm": backend}, max_seq_len=256, instances=2)
+    tweet = "Watching the debate tonight, the economy answers were weak and nobody talked about trade"
+    news = ("Oil prices rose sharply on Monday after the producers agreed to cut output, traders said, "
+            "while wheat exports fell for a third week and the central bank held its rates. ") * 8
+    bodies = [{"inputs": [news if (i + j) % 2 else tweet for j in range(16)], "truncate": True} for i in range(8)]
+    statuses: list[int] = []
+    with LiveServer(create_app(settings, registry=registry)) as live:
+        def client(i: int) -> None:
+            with httpx.Client(base_url=live.url, timeout=60) as http:
+                for _ in range(3):
+                    statuses.append(http.post("/embed", json=bodies[i]).status_code)
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(client, range(8)))
+    assert statuses == [200] * 24, statuses
