@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench import rawhttp
-from bench.procstat import rss_bytes
+from bench.procstat import process_cpu_s, rss_bytes
 
 # (status, headers, body) -> None when the answer is right, else what is wrong with it
 Check = Callable[[int, dict, bytes, int], str | None]
@@ -199,15 +199,15 @@ def _request_bytes(host: str, port: int, texts: list[str], model: str) -> list[b
             for t in texts]
 
 
-def _start(store: Path, model: str):
+def _start(store: Path, model: str, server_dir: Path):
     import os
 
     from bench.servers import ServerProcess, free_port
 
     port = free_port()
-    env = {**os.environ, "BERTSERVE_MODEL_STORE": str(store), "BERTSERVE_PORT": str(port),
+    env = {**os.environ, "BERTSERVE_MODEL_STORE": str(store.resolve()), "BERTSERVE_PORT": str(port),
            "BERTSERVE_DEFAULT_MODEL": model, "BERTSERVE_ACCESS_LOG": "false"}
-    server = ServerProcess("bertserve", [sys.executable, "-m", "service"], env, port, Path.cwd(),
+    server = ServerProcess("bertserve", [sys.executable, "-m", "service"], env, port, server_dir,
                            health_path="/v2/health/ready")
     server.start()
     return server
@@ -221,10 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="overload: 30; soak: 600")
     parser.add_argument("--factor", type=float, help="offered load / capacity (overload 10, soak 0.5)")
     parser.add_argument("--out", type=Path, default=Path("bench/reports"))
+    parser.add_argument("--server-dir", type=Path, default=Path.cwd(),
+                        help="checkout the server runs from (python -m service there), e.g. the code before a change")
+    parser.add_argument("--name", help="report file name (default: the mode)")
     args = parser.parse_args(argv)
     seconds = args.seconds or (30.0 if args.mode == "overload" else 600.0)
     factor = args.factor or (10.0 if args.mode == "overload" else 0.5)
-    server = _start(args.store, args.model)
+    server = _start(args.store, args.model, args.server_dir)
     try:
         host, port = "127.0.0.1", server.port
         requests = _request_bytes(host, port, _texts(256), args.model)
@@ -233,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"capacity: {cap:.1f} texts/s (closed loop, 32 clients)", file=sys.stderr)
         sampler = RssSampler(server.pid, interval_s=1.0)
         sampler.start()
+        loop_began = process_cpu_s(server.pid, main_thread_only=True)  # the event loop's thread
         loaded = run_client(offered_load(host, port, requests, factor * cap, seconds, max_outstanding=512))
+        loop_cpu = (process_cpu_s(server.pid, main_thread_only=True) or 0.0) - (loop_began or 0.0)
         samples = sampler.stop()
         trend = rss_trend(samples)
         # Memory over time for the report: one point every ~30 s.
@@ -243,19 +248,22 @@ def main(argv: list[str] | None = None) -> int:
         for a in loaded.answers:
             statuses[a.status] = statuses.get(a.status, 0) + 1
         report = {
-            "mode": args.mode, "model": args.model, "seconds": seconds, "factor": factor,
+            "mode": args.mode, "model": args.model, "server_dir": str(args.server_dir), "seconds": seconds,
+            "factor": factor,
             "capacity_texts_per_s": round(cap, 1), "offered_per_s": round(factor * cap, 1),
             "accepted_per_s": round(loaded.accepted_per_s(), 1),
             "accepted_share_of_capacity": round(loaded.accepted_per_s() / cap, 3) if cap else None,
             "statuses": statuses, "not_sent": loaded.not_sent,
             "p50_ms_200": _ms(loaded.latency_quantile("200", 0.5)), "p99_ms_200": _ms(loaded.latency_quantile("200", 0.99)),
             "p99_ms_429": _ms(loaded.latency_quantile("429", 0.99)),
+            "event_loop_cpu_s": round(loop_cpu, 2),
+            "event_loop_cpu_us_per_answer": round(1e6 * loop_cpu / max(1, len(loaded.answers)), 1),
             "rss": trend, "rss_timeline_s_mb": timeline, "server_alive": server.proc.poll() is None,
         }
     finally:
         server.stop()
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.mode}.json"
+    path = args.out / f"{args.name or args.mode}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0

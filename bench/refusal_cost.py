@@ -7,7 +7,9 @@ microsecond of that is taken from the model (README, "Overload and soak"). This 
 server does, marks the model's queue as full, and sends ``--requests`` embedding requests through the
 app (middlewares, door, error answer, metrics, access log to /dev/null): process CPU time per request.
 It measures the part of a refusal that is this project's code; uvicorn's HTTP parsing and the socket
-I/O come on top. Never asserts a timing.
+I/O come on top. Then the event loop's own CPU (its thread's, inference excluded) per refusal and per
+accepted request, the model idle. Run it from another checkout's code with
+``PYTHONPATH=DIR .venv/bin/python bench/refusal_cost.py`` to compare. Never asserts a timing.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ async def measure(store: Path, model: str, requests: int) -> dict:
     logging.getLogger().handlers[0].stream = open("/dev/null", "w")  # the access log, written but not shown
     app = create_app(ServiceSettings(model_store=store, default_model=model))
     async with app.router.lifespan_context(app):
+        saturated = Batcher._saturated
         Batcher._saturated = lambda self, items: True  # every request finds the queue full
         body = b'{"input": "The central bank left its rates unchanged on Tuesday.", "model": "' + model.encode() + b'"}'
         status = await _refused(app, body)
@@ -61,12 +64,32 @@ async def measure(store: Path, model: str, requests: int) -> dict:
             raise SystemExit(f"expected 429 from a full queue, got {status}")
         for _ in range(200):  # warm-up: caches, metric children, allocator
             await _refused(app, body)
-        began_cpu, began = time.process_time(), time.perf_counter()
+        began_cpu, began_loop, began = time.process_time(), time.thread_time(), time.perf_counter()
         for _ in range(requests):
             await _refused(app, body)
-        cpu, wall = time.process_time() - began_cpu, time.perf_counter() - began
+        cpu, loop_cpu = time.process_time() - began_cpu, time.thread_time() - began_loop
+        wall = time.perf_counter() - began
+        # Accepted requests, one at a time through the same stack: the event loop's CPU per request
+        # (HTTP layer, door, route, tokenizing a short text inline, answer); inference runs on the
+        # worker threads, which thread_time() of the loop's thread does not count.
+        Batcher._saturated = saturated
+        for _ in range(50):
+            await _answered(app, body)
+        began_loop = time.thread_time()
+        accepted = max(1, requests // 5)
+        for _ in range(accepted):
+            await _answered(app, body)
+        loop_cpu_accepted = time.thread_time() - began_loop
     return {"requests": requests, "cpu_us_per_refusal": round(1e6 * cpu / requests, 1),
-            "wall_us_per_refusal": round(1e6 * wall / requests, 1)}
+            "wall_us_per_refusal": round(1e6 * wall / requests, 1),
+            "loop_cpu_us_per_refusal": round(1e6 * loop_cpu / requests, 1),
+            "accepted_requests": accepted, "loop_cpu_us_per_accepted": round(1e6 * loop_cpu_accepted / accepted, 1)}
+
+
+async def _answered(app, body: bytes) -> None:
+    status = await _refused(app, body)
+    if status != 200:
+        raise SystemExit(f"expected 200 from an idle model, got {status}")
 
 
 def main(argv: list[str] | None = None) -> int:
