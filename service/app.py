@@ -75,7 +75,8 @@ class RequestGuard:
                 started = True
                 names = {k.lower() for k, _ in message.get("headers", [])}
                 if REQUEST_ID_HEADER.encode() not in names:
-                    message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), rid.encode())]
+                    # latin-1, as it was decoded: the client's id goes back byte for byte, as error answers send it.
+                    message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), rid.encode("latin-1"))]
             await send(message)
 
         try:

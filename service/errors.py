@@ -78,3 +78,20 @@ class ClientDisconnected(ServiceError):
 
     status_code = 499
     type = "client_disconnected"
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """A client's value as an error message quotes it: its repr, cut to about ``limit`` characters.
+
+    Never raises, and never grows with the value: JSON allows what repr() refuses or cannot finish (an
+    int past Python's 4300-digit str() limit, lists nested near the recursion limit), and a message
+    that echoed a client's megabyte back would be an amplifier. Big integers are described, not printed.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        digits = int(value.bit_length() * 0.30103) + 1  # log10(2): the digit count, give or take one
+        return f"{'a negative' if value < 0 else 'an'} integer of about {digits} digits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

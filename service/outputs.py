@@ -7,16 +7,27 @@ import base64
 import numpy as np
 
 from service.embedding_types import INTEGER_TYPES, quantize
-from service.errors import InvalidInput
+from service.errors import InvalidInput, shown
 from service.manifest import Manifest
+
+
+def _check_dimensions(dimensions: int, width: int) -> None:
+    if not 1 <= dimensions <= width:
+        # shown(): JSON allows dimensions of 10**400, and the message should name the limit, not echo that.
+        raise InvalidInput(f"dimensions must be between 1 and {width} for this model, got {shown(dimensions)}")
+
+
+def check_dimensions(manifest: Manifest, dimensions: int | None) -> None:
+    """Refuse `dimensions` the model cannot give, before any tokenizing or inference is spent on it."""
+    if dimensions is not None and manifest.embedding_dim is not None:
+        _check_dimensions(dimensions, manifest.embedding_dim)
 
 
 def truncate_dimensions(rows: np.ndarray, dimensions: int | None, renormalize: bool = True) -> np.ndarray:
     """Matryoshka-style truncation (OpenAI's `dimensions`): keep the first N and renormalize."""
     if dimensions is None:
         return rows
-    if dimensions < 1 or dimensions > rows.shape[1]:
-        raise InvalidInput(f"dimensions must be between 1 and {rows.shape[1]} for this model, got {dimensions}")
+    _check_dimensions(dimensions, rows.shape[1])  # check_dimensions has passed; a manifest may lack the width
     cut = rows[:, :dimensions]
     return l2_normalize(cut) if renormalize else cut
 

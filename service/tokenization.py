@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 from tokenizers import Tokenizer
 
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import InvalidInput, PayloadTooLarge, shown
 
 Direction = Literal["right", "left"]
 
@@ -86,7 +86,7 @@ class TextTokenizer:
                 raise InvalidInput(f"{field}[{i}] is an empty list of token ids")
             bad = next((t for t in ids if t < 0 or t >= self.vocab_size), None)
             if bad is not None:
-                raise InvalidInput(f"{field}[{i}] has token id {bad}, outside this model's vocabulary "
+                raise InvalidInput(f"{field}[{i}] has token id {shown(bad)}, outside this model's vocabulary "
                                    f"of {self.vocab_size} ids")
             has_specials = bool(self._prefix) and ids[: len(self._prefix)] == self._prefix and \
                 ids[len(ids) - len(self._suffix):] == self._suffix

@@ -85,6 +85,14 @@ def check_texts(request: Request, texts: Sequence[str], field: str = "input") ->
             raise InvalidInput(f"{field}[{i}] is an empty string; every input must contain text")
         if len(text) > settings.max_chars_per_text:
             raise PayloadTooLarge(f"{field}[{i}] has {len(text)} characters; at most {settings.max_chars_per_text}")
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                # JSON's "\ud800" escape decodes to half a UTF-16 pair, which UTF-8 cannot encode: no
+                # tokenizer takes it (a TypeError out of it), and no answer could quote it.
+                raise InvalidInput(f"{field}[{i}] holds an unpaired UTF-16 surrogate at character {e.start}; "
+                                   f"texts must be valid Unicode") from None
 
 
 def check_ids(request: Request, sequences: Sequence[Sequence[int]], field: str = "input") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import uuid
 
 from fastapi import FastAPI, Request
@@ -35,6 +36,9 @@ ERROR_RESPONSES: dict = {code: {"model": ErrorBody, "description": what} for cod
     (405, "method not allowed"), (413, "too large"), (422, "invalid input"), (429, "overloaded; see Retry-After"),
     (500, "a backend failed this batch"), (503, "not ready, shutting down, or timed out"))}
 REQUEST_ID_HEADER = "x-request-id"
+# A message is for a person. One that quotes a client's text is cut here, so that no request can make
+# the server echo its megabyte back, whatever the raising code quoted.
+MAX_MESSAGE_CHARS = 1024
 
 
 def request_id(request: Request) -> str:
@@ -45,23 +49,49 @@ def request_id(request: Request) -> str:
     return rid
 
 
+def _printable(message: str) -> str:
+    """The message as UTF-8 can carry it, at most MAX_MESSAGE_CHARS long. Client text quoted in it may
+    hold unpaired UTF-16 surrogates (JSON's "\\ud800" escape decodes to one), which UTF-8 cannot
+    encode: orjson would refuse the whole body and turn a 4xx into a 500. They are written as escapes."""
+    message = str(message)[: MAX_MESSAGE_CHARS * 2]  # escaping grows it; no need to escape what is cut
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
 def error_response(request: Request, status: int, type_: str, message: str,
                    headers: dict[str, str] | None = None) -> FastJSONResponse:
     rid = request_id(request)
     request.state.error_type = type_  # for the request metrics and the access log
-    body = {"error": {"type": type_, "message": message, "request_id": rid}}
+    body = {"error": {"type": type_, "message": _printable(message), "request_id": rid}}
     return FastJSONResponse(body, status_code=status, headers={**(headers or {}), REQUEST_ID_HEADER: rid})
 
 
 def _describe_validation(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        # A location may hold a client's own key (an extra field, a dict key): cut, like every quote.
+        loc = ".".join(str(p)[:64] for p in err.get("loc", ()) if p != "body") or "body"
         if err.get("type") == "json_invalid":
             return "request body is not valid JSON: " + str(err.get("ctx", {}).get("error", err.get("msg")))
         parts.append(f"{loc}: {err.get('msg')}")
     more = len(exc.errors()) - 3
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _unreadable_body(exc: StarletteHTTPException) -> str | None:
+    """Why a JSON body could not be read, when json.loads refused it with other than a syntax error
+    (FastAPI answers those with a bare 400 "There was an error parsing the body"); else None."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or not isinstance(cause, (ValueError, RecursionError)):
+        return None
+    if isinstance(cause, RecursionError):
+        return "request body is not usable JSON: its arrays or objects nest deeper than this server reads"
+    if isinstance(cause, UnicodeDecodeError):
+        return "request body is not valid JSON: it is not valid UTF-8"
+    if "digits" in str(cause):  # JSON allows any integer; Python's int() stops at a limit of digits
+        return (f"request body is not usable JSON: it holds an integer of more than "
+                f"{sys.get_int_max_str_digits()} digits")
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -75,6 +105,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        unreadable = _unreadable_body(exc)
+        if unreadable is not None:  # the same answer as a JSON syntax error (_validation): 422 invalid_input
+            return error_response(request, 422, "invalid_input", unreadable)
         type_ = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code, "http_error")
         # Starlette's own headers matter (405 carries Allow, as RFC 9110 requires).
         return error_response(request, exc.status_code, type_, str(exc.detail), getattr(exc, "headers", None))

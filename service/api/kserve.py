@@ -7,6 +7,7 @@ optional right-padding ``attention_mask``, and returns FP32 tensors: ``embedding
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import struct
@@ -17,11 +18,11 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.api.common import encode_ids, encode_texts, model_entry, run, state
+from service.api.common import encode_ids, encode_texts, model_entry, off_loop, run, state
 from service.api.errors import ERROR_RESPONSES
-from service.errors import InvalidInput, ModelNotFound, NotReady
+from service.errors import InvalidInput, ModelNotFound, PayloadTooLarge, shown
 from service.metrics import KSERVE_INFER_ROUTE, KSERVE_VERSION_INFER_ROUTE
 from service.outputs import softmax
 from service.registry import ModelEntry
@@ -32,7 +33,13 @@ TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Triton's platform names, so tools that key on them recognise the model.
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 
-Dim = Annotated[int, Field(ge=0)]
+# The protocol's dimensions and integer parameters are int64. JSON allows any integer (10**400), and
+# Python computes with it until a float conversion overflows or a product outgrows str(): bounded here,
+# where they enter, so that shape arithmetic and the messages quoting it stay small.
+INT64_MAX = 2**63 - 1
+# No model here takes more than 2 dimensions; the routes say so with a clearer message than this bound's.
+MAX_RANK = 8
+Dim = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 
 # ------------------------------------------------------------------ schemas
@@ -45,7 +52,7 @@ class _Strict(BaseModel):
 
 class RequestInput(_Strict):
     name: str = Field(min_length=1)
-    shape: list[Dim]
+    shape: list[Dim] = Field(max_length=MAX_RANK)
     datatype: str = Field(description="BYTES for texts, INT64 for input_ids / attention_mask / token_type_ids")
     parameters: dict[str, Any] | None = Field(None, description="binary_data_size when the data follows the JSON")
     data: list[Any] | None = Field(None, description="row-major values, flat or nested")
@@ -62,6 +69,19 @@ class InferenceRequest(_Strict):
         None, description="truncate (bool, default false), binary_data_output (bool), timeout (microseconds)")
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = Field(None, description="outputs to return; all when omitted")
+
+    @field_validator("id")
+    @classmethod
+    def _echoable(cls, value: str | None) -> str | None:
+        # The id is echoed in the answer. JSON's "\ud800" escape decodes to half a UTF-16 pair, which
+        # UTF-8 cannot encode: refused here, rather than answered with a different id.
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"id holds an unpaired UTF-16 surrogate at character {e.start}; it must be "
+                                 f"valid Unicode, as it is echoed in the response") from None
+        return value
 
 
 class ResponseOutput(BaseModel):
@@ -114,8 +134,18 @@ class _InferRequest(Request):
         super().__init__(scope, request.receive)
         self._head, self.binary_tail = head, tail
 
+    @property
+    def payload_bytes(self) -> int:
+        return len(self._head) + len(self.binary_tail)
+
     async def body(self) -> bytes:
         return self._head
+
+    async def json(self) -> Any:
+        # Megabytes of numbers take the json module a quarter of a second: off the event loop when large.
+        if not hasattr(self, "_json"):
+            self._json = await off_loop(self, len(self._head), json.loads, self._head)
+        return self._json
 
 
 class _InferRoute(APIRoute):
@@ -327,8 +357,8 @@ def _read_inputs(inputs: list[RequestInput], tail: bytes) -> list[_Tensor]:
         size = params.get("binary_data_size")
         raw = None
         if size is not None:
-            if type(size) is not int or size < 0:
-                raise InvalidInput(f"{inp.name}: binary_data_size must be a non-negative integer")
+            if type(size) is not int or not 0 <= size <= INT64_MAX:
+                raise InvalidInput(f"{inp.name}: binary_data_size must be a non-negative int64, got {shown(size)}")
             if inp.data is not None:
                 raise InvalidInput(f"{inp.name}: has both data and binary_data_size; send one")
             if offset + size > len(tail):
@@ -343,7 +373,7 @@ def _read_inputs(inputs: list[RequestInput], tail: bytes) -> list[_Tensor]:
     return tensors
 
 
-def _token_rows(tensors: dict[str, _Tensor]) -> list[list[int]]:
+def _token_rows(tensors: dict[str, _Tensor], max_rows: int) -> list[list[int]]:
     """input_ids [N, T] to one id list per row, cut at the attention mask's trailing zeros."""
     unknown = sorted(set(tensors) - set(TOKEN_INPUTS))
     if unknown:
@@ -358,6 +388,12 @@ def _token_rows(tensors: dict[str, _Tensor]) -> list[list[int]]:
         if t.shape != ids_t.shape:
             raise InvalidInput(f"{t.name} has shape {t.shape} but input_ids has {ids_t.shape}; they must match")
     n, width = ids_t.shape
+    # Counted before any array is shaped: [10**12, 0] and [0, 10**12] hold no values, as many as were
+    # sent, yet a list of the one's rows or a mask as wide as the other's would never be built.
+    if n == 0:
+        return []  # encode_ids answers that the batch is empty
+    if n > max_rows:
+        raise PayloadTooLarge(f"input_ids has {n} items; at most {max_rows} per request")
     ids = ids_t.values.reshape(n, width)
     if "token_type_ids" in tensors and tensors["token_type_ids"].values.any():
         # Every served model is single-sequence; honouring segment ids would need pair inputs end to end.
@@ -386,7 +422,7 @@ async def _encode(request: Request, entry: ModelEntry, tensors: list[_Tensor], t
         if len(text.shape) not in (1, 2) or (len(text.shape) == 2 and text.shape[1] != 1):
             raise InvalidInput(f"{text.name} must have shape [N] or [N, 1]; got {text.shape}")
         return await encode_texts(request, entry, text.values, truncate, "right", text.name)
-    rows = _token_rows({t.name: t for t in tensors})
+    rows = _token_rows({t.name: t for t in tensors}, state(request).settings.max_inputs_per_request)
     return await encode_ids(request, entry, rows, truncate, "right", "input_ids")
 
 
@@ -396,7 +432,7 @@ async def _encode(request: Request, entry: ModelEntry, tensors: list[_Tensor], t
 def _flag(params: dict[str, Any], key: str, where: str, default: bool = False) -> bool:
     value = params.get(key, default)
     if not isinstance(value, bool):
-        raise InvalidInput(f"{where}parameters.{key} must be true or false, got {value!r}")
+        raise InvalidInput(f"{where}parameters.{key} must be true or false, got {shown(value)}")
     return value
 
 
@@ -405,8 +441,10 @@ def _timeout_s(params: dict[str, Any]) -> float | None:
     value = params.get("timeout")
     if value is None:
         return None
-    if type(value) is not int or value <= 0:
-        raise InvalidInput(f"parameters.timeout must be a positive number of microseconds, got {value!r}")
+    if type(value) is not int or not 0 < value <= INT64_MAX:
+        # Bounded before the division: a float overflows on an integer such as 10**400, which JSON allows.
+        raise InvalidInput(f"parameters.timeout must be a positive int64 number of microseconds, "
+                           f"got {shown(value)}")
     return value / 1e6  # run() caps it at the server's request_timeout_s
 
 
@@ -463,7 +501,9 @@ async def _infer(request: Request, model: str, version: str | None, body: Infere
     truncate = _flag(params, "truncate", "")
     wanted = _wanted_outputs(entry, body.outputs, _flag(params, "binary_data_output", ""))
     timeout_s = _timeout_s(params)
-    tensors = _read_inputs(body.inputs, getattr(request, "binary_tail", b""))
+    # Decoding a tensor walks every value in Python: off the event loop when the request is large.
+    tensors = await off_loop(request, getattr(request, "payload_bytes", 0), _read_inputs, body.inputs,
+                             getattr(request, "binary_tail", b""))
     encoded = await _encode(request, entry, tensors, truncate)
     rows = await run(request, entry, encoded, timeout_s)
     results = {"embedding": rows} if entry.manifest.task == "embedding" else \

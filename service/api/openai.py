@@ -12,7 +12,7 @@ from service.api.errors import ERROR_RESPONSES
 from service.api.responses import FastJSONResponse
 from service.errors import InvalidInput
 from service.embedding_types import EmbeddingType
-from service.outputs import check_embedding_type, encode_base64, quantize_rows, truncate_dimensions
+from service.outputs import check_dimensions, check_embedding_type, encode_base64, quantize_rows, truncate_dimensions
 
 router = APIRouter(tags=["OpenAI"], responses=ERROR_RESPONSES)
 
@@ -28,7 +28,8 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="float: a JSON list of numbers; base64: the vector's raw bytes, little-endian float32 "
                              "for `embedding_type` float, one byte per value (or per 8 bits) otherwise")
-    dimensions: int | None = Field(
+    # StrictInt: lax int would take JSON true as 1 dimension. Its upper bound is the model's (check_dimensions).
+    dimensions: StrictInt | None = Field(
         None, ge=1, description="keep the first N dimensions; renormalized for `embedding_type` float, taken as "
                                 "they are before an integer or binary encoding (see `embedding_type`)")
     embedding_type: EmbeddingType = Field(
@@ -79,6 +80,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
     if entry.manifest.task != "embedding":
         raise InvalidInput(f"model {entry.name!r} is a {entry.manifest.task} model; use /predict")
     check_embedding_type(entry.manifest, body.embedding_type)  # before any inference is spent
+    check_dimensions(entry.manifest, body.dimensions)
     value = body.input
     if isinstance(value, str):
         encoded = await encode_texts(request, entry, [value], truncate=False)

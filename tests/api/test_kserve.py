@@ -335,6 +335,60 @@ def test_bad_bodies(client):
                              headers={"Inference-Header-Content-Length": str(len(head))}), 422, says="UTF-8")
 
 
+# ------------------------------------------------------------------ numbers and strings JSON allows
+
+
+HUGE = 10 ** 400  # valid JSON: a float overflows on it, and products of it outgrow Python's int-to-str limit
+
+
+def raw_post(client, path: str, body: dict) -> httpx.Response:
+    """The body as json.dumps writes it: lone surrogates as \\ud800 escapes, big integers in full."""
+    return client.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("body,says", [
+    ({"inputs": [_tensor(shape=[HUGE])]}, "shape"),
+    ({"inputs": [_tensor(shape=[HUGE] * 12)]}, "shape"),
+    ({"inputs": [_tensor()], "parameters": {"timeout": HUGE}}, "timeout"),
+    ({"inputs": [_tensor()], "parameters": {"timeout": 2 ** 64}}, "timeout"),
+], ids=["huge dim", "huge dims", "huge timeout", "timeout past int64"])
+def test_huge_numbers_are_422(client, body, says):
+    resp = raw_post(client, "/v2/models/emb/infer", body)
+    assert_error(resp, 422, "invalid_input", says)
+    assert len(resp.json()["error"]["message"]) < 300  # names the problem, does not print the number
+
+
+@pytest.mark.parametrize("shape,status,type_,says", [
+    ([10 ** 12, 0], 413, "payload_too_large", "at most"),
+    ([0, 2 ** 62], 422, "invalid_input", "empty"),
+])
+def test_empty_tensors_of_huge_shapes_are_refused_before_they_are_built(client, shape, status, type_, says):
+    # Both hold 0 values, as many as were sent: rows and masks must be counted before they are made.
+    body = {"inputs": [_tensor("input_ids", "INT64", shape, []), _tensor("attention_mask", "INT64", shape, [])]}
+    assert_error(raw_post(client, "/v2/models/emb/infer", body), status, type_, says)
+
+
+def test_request_id_with_a_lone_surrogate_is_422(client):
+    # The id is echoed in the answer, and an unpaired surrogate has no UTF-8 encoding.
+    resp = raw_post(client, "/v2/models/emb/infer", text_request(["hello"], id="req-\ud800"))
+    assert_error(resp, 422, "invalid_input", "id")
+    assert "surrogate" in resp.json()["error"]["message"]
+
+
+def test_error_messages_are_capped(client):
+    from service.api.errors import MAX_MESSAGE_CHARS
+
+    resp = raw_post(client, "/v2/models/emb/infer", text_request(["hi"], outputs=[{"name": "o" * 50_000}]))
+    assert_error(resp, 422, "invalid_input", "unknown output")
+    assert len(resp.json()["error"]["message"]) <= MAX_MESSAGE_CHARS
+
+
+def test_texts_with_lone_surrogates_are_422(client):
+    resp = raw_post(client, "/v2/models/emb/infer", text_request(["fine", "bad \ud800"]))
+    assert_error(resp, 422, "invalid_input", "text[1]")
+    assert "surrogate" in resp.json()["error"]["message"]
+
+
 def test_unknown_model_and_version_on_infer(client):
     assert_error(client.post("/v2/models/nope/infer", json=text_request(["hi"])), 404, "model_not_found")
     assert_error(client.post("/v2/models/emb/versions/7/infer", json=text_request(["hi"])), 404, "model_not_found")

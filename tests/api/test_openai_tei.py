@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -71,6 +72,20 @@ def test_base64_and_dimensions(client):
     assert_error(client.post("/v1/embeddings", json={"input": "x", "dimensions": 9}), 422, "invalid_input", "dimensions")
 
 
+def raw_post(client, path: str, body: dict):
+    """The body as json.dumps writes it: lone surrogates as \\ud800 escapes, big integers in full."""
+    return client.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("dimensions", [9, 10 ** 400], ids=["past the model's 8", "10**400"])
+def test_dimensions_are_checked_before_inference(client, dimensions):
+    backend = client.registry.get("minilm").backends[0]
+    r = raw_post(client, "/v1/embeddings", {"input": "x y z", "dimensions": dimensions})
+    assert_error(r, 422, "invalid_input", "dimensions", "between 1 and 8")
+    assert len(r.json()["error"]["message"]) < 200  # names the limit, does not print a 400-digit number
+    assert backend.batches == []  # refused before tokenizing and inference, which it could only waste
+
+
 def test_models_list(client):
     ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
     assert ids == {"minilm", "clf"}
@@ -87,6 +102,7 @@ def test_models_list(client):
     ({"input": [[True, False]]}, 422, "invalid_input", "input"),  # JSON booleans are not token ids
     ({"input": [101, 2.5, 102]}, 422, "invalid_input", "input"),
     ({"input": 5}, 422, "invalid_input", "input"),
+    ({"input": "x", "dimensions": True}, 422, "invalid_input", "dimensions"),  # a JSON boolean is no count
     ({"input": "x", "encoding_format": "hex"}, 422, "invalid_input", "encoding_format"),
     ({"input": "x", "model": "nope"}, 404, "model_not_found", "nope"),
     ({"input": "x", "model": "clf"}, 422, "invalid_input", "classification"),
@@ -116,6 +132,43 @@ def test_body_limits_and_broken_bodies(client):
     assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["type"] == "method_not_allowed"
     # The server is still fine afterwards.
     assert client.post("/v1/embeddings", json={"input": "still alive"}).status_code == 200
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/embeddings", {"input": "bad \ud800 text"}, "input[0]"),
+    ("/v1/embeddings", {"input": ["fine", "\udfff"]}, "input[1]"),
+    ("/embed", {"inputs": "bad \ud800"}, "inputs[0]"),
+    ("/predict", {"inputs": ["fine", "\udc00\ud800"], "model": "clf"}, "inputs[1]"),
+    ("/tokenize", {"inputs": ["\ud800"]}, "inputs[0]"),
+])
+def test_texts_with_lone_surrogates_are_422(client, path, body, field):
+    # JSON may escape half a UTF-16 pair; such a text has no UTF-8 encoding, so no tokenizer can take it.
+    r = raw_post(client, path, body)
+    assert_error(r, 422, "invalid_input", field, "surrogate")
+    assert client.registry.get(body.get("model", "minilm")).backends[0].batches == []
+
+
+def test_a_non_ascii_request_id_is_echoed_as_sent(tmp_path, settings):
+    # HTTP header values are bytes; the id goes back byte for byte, on answers and refusals alike.
+    # (A live server: the test client cannot carry a non-ASCII response header.)
+    import http.client
+
+    from service.app import create_app
+    from tests.api.conftest import make_registry
+    from tests.conftest import LiveServer
+
+    with LiveServer(create_app(settings, registry=make_registry(tmp_path, settings))) as live:
+        for body, status in ((b'{"input": "hi"}', 200), (b'{"input": " "}', 422)):
+            conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=30)
+            try:
+                conn.request("POST", "/v1/embeddings", body=body,
+                             headers={"content-type": "application/json", "x-request-id": b"r\xe9q-1"})
+                resp = conn.getresponse()
+                resp.read()
+            finally:
+                conn.close()
+            assert resp.status == status
+            assert resp.getheader("x-request-id").encode("latin-1") == b"r\xe9q-1"
 
 
 def test_concurrent_mixed_lengths_are_each_answered_correctly(client):

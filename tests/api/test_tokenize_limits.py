@@ -81,3 +81,18 @@ def test_compact_tokenize_holds_what_the_tei_form_holds(app_parts):
         assert [[t["start"], t["stop"]] for t in tokens if not t["special"]] == \
             [list(o) for o, s in zip(packed["offsets"], packed["special"]) if not s]
     assert tei[0][0] == {"id": 101, "text": "[CLS]", "special": True, "start": None, "stop": None}
+
+
+def test_a_large_kserve_tensor_is_parsed_and_decoded_in_the_tokenizer_pool(app_parts, monkeypatch):
+    from service.api import kserve
+
+    settings, registry, _ = app_parts
+    decode_threads = threads_used(monkeypatch, kserve, "_read_inputs")
+    parse_threads = threads_used(monkeypatch, kserve.json, "loads")
+    rows = [[101] + [2000 + i for i in range(40)] + [102]] * 50
+    body = {"inputs": [{"name": "input_ids", "shape": [50, 42], "datatype": "INT64", "data": rows}]}
+    with TestClient(create_app(settings, registry=registry)) as client:
+        r = client.post("/v2/models/minilm/infer", json=body)
+        assert r.status_code == 200, r.text
+    assert decode_threads and all(name.startswith("tokenize") for name in decode_threads)
+    assert parse_threads and all(name.startswith("tokenize") for name in parse_threads)
