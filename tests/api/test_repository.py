@@ -315,7 +315,8 @@ def test_polling_loads_published_versions_and_unloads_removed_ones(store):
         (store / "m" / "7" / "model.onnx").write_bytes(b"half copied")
         (store / ".staging" / "m-8").mkdir(parents=True)
         publish(store, "m", 2)
-        wait_until(lambda: served(client)[0] == "2")
+        # v1 is drained after v2 takes traffic: wait for both before reading the series.
+        wait_until(lambda: served(client)[0] == "2" and not registry.transitions)
         assert sorted(registry.entries) == [("m", 2)]
         s = scrape(client)
         assert value(s, "bertserve_model_ready", model="m", version="2") == 1
