@@ -306,7 +306,14 @@ class Batcher:
         queued = len(self._queue) + self._reserved
         if queued + items > self.max_queue_items:
             return True
-        return bool(self.max_queue_wait_s and queued and self._queue_wait_s() > self.max_queue_wait_s)
+        if not self.max_queue_wait_s or not queued:
+            return False
+        # Measured, then predicted: the oldest queued item (the queue keeps arrival order) has already
+        # waited too long, or the queued work would take too long. The measure catches what the
+        # prediction misses, e.g. the workers' share of the cores falling as refusals take the loop's.
+        if self._queue and time.monotonic() - self._queue[0].enqueued_at > self.max_queue_wait_s:
+            return True
+        return self._queue_wait_s() > self.max_queue_wait_s
 
     def _reject_overloaded(self, items: int, retry_after_s: int):
         self._emit("rejected", {"reason": "overloaded", "items": items})

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 
+# How far past the oldest item the policy looks for companions, in batches of max_batch_size.
+LOOKAHEAD_BATCHES = 4
+
+
 @dataclass(frozen=True)
 class BatchLimits:
     """How big a batch may get and how long the oldest item may wait for companions."""
@@ -77,8 +81,8 @@ def choose_batch(waiting: Sequence[WorkItem], limits: BatchLimits, now: float) -
     Dead items (cancelled, or deadline <= now) are dropped first. A partial batch is held back until the
     oldest item has waited ``max_queue_delay_s``, so that companions can join it; a full one goes at once.
     The batch always contains the oldest live item, so nothing starves however unlucky its length, and is
-    grown from it over length-sorted neighbours choosing the least added padding at each step.
-    O(n log n) in the queue length.
+    grown from it over length-sorted neighbours among the ``LOOKAHEAD_BATCHES * max_batch_size`` oldest
+    live items, choosing the least added padding at each step. O(n log n) in the queue length.
     """
     cancelled: list[WorkItem] = []
     expired: list[WorkItem] = []
@@ -92,6 +96,14 @@ def choose_batch(waiting: Sequence[WorkItem], limits: BatchLimits, now: float) -
             live.append(item)
     if not live:
         return Decision([], expired, cancelled, None)
+    # Companions are chosen by length among the oldest few batches' worth of items only. Over a deep
+    # queue (overload), choosing among everything served items of common lengths first and let those of
+    # uncommon lengths wait about twice the queue's drain time; a bounded look-ahead keeps the queue
+    # close to arrival order and still finds similar lengths.
+    lookahead = LOOKAHEAD_BATCHES * limits.max_batch_size
+    if len(live) > lookahead:
+        oldest_first = sorted(range(len(live)), key=lambda i: (live[i].enqueued_at, i))[:lookahead]
+        live = [live[i] for i in sorted(oldest_first)]  # still in arrival order
 
     # Ties on enqueued_at (items of one request) are broken by arrival position, which keeps this
     # deterministic and serves a request's items in their own order.

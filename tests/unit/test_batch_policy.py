@@ -244,3 +244,17 @@ def test_padding_ratio_off_batches_everything_together():
 def test_padding_ratio_below_one_is_refused():
     with pytest.raises(ValueError, match="max_padding_ratio"):
         BatchLimits(max_batch_size=4, max_batch_tokens=100, max_queue_delay_s=0.0, max_padding_ratio=0.5)
+
+
+def test_companions_come_from_the_oldest_few_batches_so_a_deep_queue_stays_near_arrival_order():
+    from service.batching.policy import LOOKAHEAD_BATCHES
+
+    limits = BatchLimits(max_batch_size=4, max_batch_tokens=10_000, max_queue_delay_s=0.0)
+    window = LOOKAHEAD_BATCHES * limits.max_batch_size
+    # Under overload: the oldest text is short, the next window's worth are long, and short texts as
+    # good a match as can be arrive later. Going for them would leave the long ones waiting.
+    queue = items(10, *([60] * window), *([10] * 40))
+    batch = choose_batch(queue, limits, now=1.0).batch
+    assert queue[0] in batch and len(batch) == 4
+    assert all(queue.index(item) < window for item in batch), lengths_of(batch)
+

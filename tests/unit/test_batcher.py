@@ -481,3 +481,25 @@ def test_automatic_stall_limit_follows_recent_batches_with_a_floor():
     assert batcher._stall_limit_s(_Running(0.0, 100)) == pytest.approx(STALL_FACTOR * 1.0)
     assert Batcher("m", [doubling()], IMMEDIATE, max_queue_items=10,
                    stall_after_s=2.0)._stall_limit_s(_Running(0.0, 100)) == 2.0
+
+
+def test_admission_also_refuses_while_the_oldest_queued_item_has_waited_past_the_limit():
+    async def main():
+        gate = Gate()
+        batcher = Batcher("m", [gate], IMMEDIATE, max_queue_items=1000, max_queue_wait_s=1.0)
+        batcher._token_ewma_s = 1e-6  # the prediction says the queue is nothing
+        batcher.start()
+        busy = asyncio.create_task(batcher.submit(payloads(1)))
+        await gate.wait_entered()
+        queued = asyncio.create_task(batcher.submit(payloads(2)))
+        await wait_for_depth(batcher, 1)
+        batcher.admit(1)  # just queued: room
+        batcher._queue[0].enqueued_at -= 2.0  # as if the workers had fallen behind the prediction
+        with pytest.raises(errors.Overloaded):
+            batcher.admit(1)
+        gate.release.set()
+        assert await busy == [2] and await queued == [4]
+        batcher.admit(1)
+        await batcher.stop(grace_s=1.0)
+
+    run(main())
