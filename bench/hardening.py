@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.hardening tokenize --store model_store --model minilm
     .venv/bin/python -m bench.hardening deadline
+    .venv/bin/python -m bench.hardening indexing --store model_store --model minilm --server-dir DIR
 
 ``tokenize``: a bertserve subprocess on the store; three maximal ``POST /tokenize`` requests at once (256
 texts of about 16,000 characters of Reuters news each, just under the 4 MiB body limit) while a client
@@ -12,6 +13,9 @@ before a change, say), with this checkout's load generator.
 ``deadline``: the real app in process over a fake backend whose only worker hangs inside its batch;
 requests queued behind it with ``X-Request-Timeout`` of 0.2 to 2 s; how late each 503 came after its
 deadline.
+
+``indexing``: closed-loop clients (``--clients 8,16,32``), each sending 16 tweets and news texts and the
+next request only after its answer, ``--seconds`` per cell: what each got (none may be a 429).
 """
 
 from __future__ import annotations
@@ -89,6 +93,37 @@ def tokenize(store: Path, model: str, server_dir: Path, requests: int = 3) -> di
             "tokenize": [{"status": s, "seconds": round(d, 2), "answer_bytes": n} for s, d, n in results]}
 
 
+def indexing(store: Path, model: str, server_dir: Path, clients: list[int], seconds: float) -> dict:
+    """Closed-loop clients, each sending 16 texts (tweets and news up to 256 tokens, bench/workloads.py)
+    and the next only after its answer: a batch-indexing job, which must never be refused."""
+    from bench.pressure import capacity, run_client
+    from bench.rawhttp import Connection
+    from bench.servers import ServerProcess, free_port
+    from bench.workloads import build_workloads
+
+    port = free_port()
+    env = {**os.environ, "BERTSERVE_MODEL_STORE": str(store.resolve()), "BERTSERVE_PORT": str(port),
+           "BERTSERVE_DEFAULT_MODEL": model, "BERTSERVE_ACCESS_LOG": "false"}
+    server = ServerProcess("bertserve", [sys.executable, "-m", "service"], env, port, server_dir,
+                           health_path="/v2/health/ready")
+    workload = build_workloads(store, model)["mixed16"]
+    conn = Connection("127.0.0.1", port)
+    requests = [conn.request_bytes("POST", "/v1/embeddings", json.dumps({"input": texts, "model": model}).encode())
+                for texts in workload.requests]
+    server.start()
+    cells = []
+    try:
+        for n in clients:
+            phase = run_client(capacity("127.0.0.1", port, requests, concurrency=n, seconds=seconds))
+            statuses = {s: phase.count(s) for s in sorted({a.status for a in phase.answers})}
+            cells.append({"clients": n, "statuses": statuses, "texts_per_s": round(16 * phase.accepted_per_s(), 1),
+                          "p99_ms_200": round(1000 * (phase.latency_quantile("200", 0.99) or 0), 1)})
+    finally:
+        server.stop()
+    return {"what": "closed-loop clients of 16 mixed texts on /v1/embeddings", "server_dir": str(server_dir),
+            "workload": workload.summary(), "seconds_per_cell": seconds, "cells": cells}
+
+
 def deadline() -> dict:
     import tempfile
 
@@ -140,12 +175,20 @@ def deadline() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hardening", description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["tokenize", "deadline"])
+    parser.add_argument("mode", choices=["tokenize", "deadline", "indexing"])
+    parser.add_argument("--clients", default="8,16,32", help="indexing: closed-loop clients per cell")
+    parser.add_argument("--seconds", type=float, default=30.0, help="indexing: measured seconds per cell")
     parser.add_argument("--store", type=Path, default=Path("model_store"))
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--server-dir", type=Path, default=Path.cwd(), help="checkout the server runs from")
     args = parser.parse_args(argv)
-    report = tokenize(args.store, args.model, args.server_dir) if args.mode == "tokenize" else deadline()
+    if args.mode == "tokenize":
+        report = tokenize(args.store, args.model, args.server_dir)
+    elif args.mode == "indexing":
+        report = indexing(args.store, args.model, args.server_dir, [int(c) for c in args.clients.split(",")],
+                          args.seconds)
+    else:
+        report = deadline()
     print(json.dumps(report, indent=2))
     return 0
 
