@@ -15,7 +15,3 @@ class SourceError(BuildError):
 
 class StoreError(BuildError):
     pass
-
-
-class GateError(BuildError):
-    pass

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import watchdog
-from service.api import openai, ops, repository, tei
+from service.api import kserve, openai, ops, repository, tei
 from service.api.common import EntryLeases
 from service.api.errors import REQUEST_ID_HEADER, install_error_handlers
 from service.auth import AccessControl
@@ -158,12 +158,7 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
     app.include_router(openai.router)
     app.include_router(ops.router)
     app.include_router(tei.router)
-    try:
-        from service.api import kserve
-
-        app.include_router(kserve.router)
-    except ImportError:  # pragma: no cover - while the KServe routes are being written
-        pass
+    app.include_router(kserve.router)
     app.include_router(repository.router)
     app.add_middleware(EntryLeases)  # innermost: a request's model leases end after its answer
     app.add_middleware(LoadShedder)  # after authentication: an unauthorized client hears 401, not 429

@@ -28,7 +28,6 @@ import numpy as np
 EmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary"]
 INTEGER_TYPES = ("int8", "uint8")  # need the model's calibration ranges
 BIT_TYPES = ("binary", "ubinary")  # need nothing but the sign
-DTYPES = {"int8": np.int8, "uint8": np.uint8, "binary": np.int8, "ubinary": np.uint8}
 
 
 def bucket_codes(rows: np.ndarray, minimum: Sequence[float], maximum: Sequence[float]) -> np.ndarray:

@@ -15,11 +15,6 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
-class BadRequest(ServiceError):
-    status_code = 400
-    type = "bad_request"
-
-
 class ModelLoadFailed(ServiceError):
     """A model the admin asked to load has a version that failed verification or loading. 400, as
     Triton answers a failed load; what served before goes on serving."""
@@ -59,11 +54,6 @@ class NotReady(ServiceError):
 class DeadlineExceeded(ServiceError):
     status_code = 503
     type = "timeout"
-
-
-class Unauthorized(ServiceError):
-    status_code = 401
-    type = "unauthorized"
 
 
 class InferenceFailed(ServiceError):

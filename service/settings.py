@@ -96,8 +96,6 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "ServiceSettings":
-        if self.max_batch_tokens < 16:
-            raise ValueError("max_batch_tokens must hold at least one short item")
         if 0 < self.max_padding_ratio < 1:
             raise ValueError("max_padding_ratio is padded/real tokens: 0 (no limit) or at least 1")
         return self

@@ -55,9 +55,6 @@ class TextTokenizer:
         self._suffix = list(empty.ids[1:]) if self._special else []
         self.pad_id = pad_token_id(self._tok, Path(tokenizer_dir))
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(e.ids) for e in self._tok.encode_batch(list(texts), add_special_tokens=True)]
-
     def encode_texts(self, texts: Sequence[str], truncate: bool, direction: Direction = "right",
                      field: str = "input") -> list[Encoded]:
         raw = self._tok.encode_batch(list(texts), add_special_tokens=False)

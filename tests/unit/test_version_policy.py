@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.registry import parse_version_policy
+from service.version_policy import parse_version_policy
 from service.reloader import scan_store
 
 VERSIONS = [1, 2, 3, 5]
