@@ -13,13 +13,8 @@ import hmac
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service import routes
 from service.settings import ServiceSettings
-
-ADMIN_PREFIX = "/v2/repository"
-# Probes and scrapers: open unless BERTSERVE_OPEN_HEALTH_AND_METRICS=false. The schema and docs go
-# with them: they describe the API, they do not run it.
-OPEN_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready", "/metrics", "/openapi.json", "/docs",
-                        "/docs/oauth2-redirect", "/redoc"})
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -49,14 +44,14 @@ class AccessControl:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        if path.startswith(ADMIN_PREFIX):
+        if path.startswith(routes.REPOSITORY_PREFIX):
             if not self.admin_keys:
                 return await self._refuse(scope, receive, send, 403, "forbidden",
                                           "the model repository routes are disabled; set BERTSERVE_ADMIN_KEY")
             if not _matches(_bearer(scope), self.admin_keys):
                 return await self._refuse(scope, receive, send, 401, "unauthorized",
                                           "this route needs the admin key: Authorization: Bearer <key>")
-        elif self.api_keys and not (self.open_health and path in OPEN_PATHS):
+        elif self.api_keys and not (self.open_health and path in routes.OPEN_WITHOUT_KEY):
             if not _matches(_bearer(scope), self.api_keys):
                 return await self._refuse(scope, receive, send, 401, "unauthorized",
                                           "missing or wrong API key: send Authorization: Bearer <key>")

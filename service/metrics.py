@@ -16,6 +16,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from service import routes
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 NO_MODEL = "none"  # requests that never resolved to a loaded model (unknown name, bad JSON, ...)
 
@@ -37,12 +39,6 @@ _REASON_BY_ERROR_TYPE = {
     "not_found": "not_found", "method_not_allowed": "invalid", "not_ready": "not_ready",
     "client_disconnected": "cancelled", "unauthorized": "unauthorized", "forbidden": "unauthorized",
 }
-# The routes whose series exist from start-up, per loaded model (the others appear when first used).
-# The route templates as the routers declare them (what ``route_template`` reads at request time), so
-# the series made at start-up are the ones requests later count into.
-KSERVE_INFER_ROUTE = "/v2/models/{model}/infer"
-KSERVE_VERSION_INFER_ROUTE = "/v2/models/{model}/versions/{version}/infer"
-INFERENCE_ROUTES = ("/v1/embeddings", "/embed", "/predict", KSERVE_INFER_ROUTE, KSERVE_VERSION_INFER_ROUTE)
 
 
 class ServiceMetrics:
@@ -91,14 +87,14 @@ class ServiceMetrics:
         model_registry.subscribe(self.on_event)
         for name in model_registry.names():
             self.init_model(name)
-        for route in INFERENCE_ROUTES:
+        for route in routes.INFERENCE:  # the templates requests later count into
             self.request_duration.labels(NO_MODEL, route)
             self.requests.labels(NO_MODEL, route, "200")
         for reason in REJECTION_REASONS:
             self.rejections.labels(NO_MODEL, reason)
 
     def init_model(self, name: str) -> None:
-        for route in INFERENCE_ROUTES:
+        for route in routes.INFERENCE:  # the templates requests later count into
             self.requests.labels(name, route, "200")
             self.request_duration.labels(name, route)
         for metric in (self.queue_wait, self.tokenization, self.inference, self.batch_size, self.batch_tokens,

@@ -15,15 +15,13 @@ import time
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service import routes
 from service.metrics import ServiceMetrics
 
 access_log = logging.getLogger("bertserve.access")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before its answer
 
-# Probes and scrapes arrive every few seconds from machines, not clients: counted in the metrics, but
-# kept out of the access log so that it shows traffic.
-_QUIET_ROUTES = frozenset({"/metrics", "/health", "/v2/health/live", "/v2/health/ready"})
 
 # Timing headers in milliseconds, named as text-embeddings-inference names them.
 _TIMING_HEADERS = (("tokenization_s", b"x-tokenization-time"), ("queue_s", b"x-queue-time"),
@@ -83,7 +81,7 @@ class RequestObserver:
                 self.metrics.observe_request(model, route, status, seconds, state.get("error_type"))
             except Exception:  # noqa: BLE001 - metrics must never break serving
                 access_log.exception("recording request metrics failed")
-            if route not in _QUIET_ROUTES and access_log.isEnabledFor(logging.INFO):
+            if route not in routes.PROBES and access_log.isEnabledFor(logging.INFO):
                 if state.get("error_type") == "overloaded":
                     self.refusals.note(model, route)
                 else:

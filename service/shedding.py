@@ -19,16 +19,11 @@ from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import Overloaded, ServiceError
-from service.metrics import KSERVE_INFER_ROUTE, KSERVE_VERSION_INFER_ROUTE
+from service.routes import BODY_NAMED, KSERVE_INFER, KSERVE_VERSION_INFER
 
-# Routes whose model is named in the JSON body ("model", or the default model when absent). /tokenize
-# does no inference, but tokenizing a large request costs a core as inference does.
-BODY_NAMED = frozenset({"/v1/embeddings", "/embed", "/predict", "/tokenize"})
 # KServe v2 names the model (and maybe the version) in the path.
-KSERVE_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]{1,9}))?/infer$")
-
-
-KSERVE_TEMPLATES = {False: KSERVE_INFER_ROUTE, True: KSERVE_VERSION_INFER_ROUTE}
+KSERVE_INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([0-9]{1,9}))?/infer$")
+KSERVE_TEMPLATES = {False: KSERVE_INFER, True: KSERVE_VERSION_INFER}
 
 
 class _RouteTemplate:
@@ -46,7 +41,7 @@ class LoadShedder:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        kserve = KSERVE_INFER.match(path) if scope["type"] == "http" else None
+        kserve = KSERVE_INFER_PATH.match(path) if scope["type"] == "http" else None
         if scope["type"] != "http" or scope.get("method") != "POST" or not (path in BODY_NAMED or kserve):
             return await self.app(scope, receive, send)
         registry = getattr(scope["app"].state, "registry", None)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from service.api.common import encode_ids, encode_texts, model_entry, off_loop, run, state
 from service.api.errors import ERROR_RESPONSES
 from service.errors import InvalidInput, ModelNotFound, PayloadTooLarge, shown
-from service.metrics import KSERVE_INFER_ROUTE, KSERVE_VERSION_INFER_ROUTE
+from service import routes
 from service.outputs import softmax
 from service.registry import ModelEntry
 from service.tokenization import Encoded
@@ -233,12 +233,12 @@ async def server_metadata(request: Request) -> dict:
     return {"name": "bertserve", "version": state(request).version, "extensions": extensions}
 
 
-@router.get("/v2/health/live")
+@router.get(routes.KSERVE_LIVE)
 async def server_live() -> dict:
     return {"live": True}
 
 
-@router.get("/v2/health/ready", responses={503: {"description": "no model is ready"}})
+@router.get(routes.KSERVE_READY, responses={503: {"description": "no model is ready"}})
 async def server_ready(request: Request) -> dict:
     state(request).registry.check_ready()
     return {"ready": True}
@@ -530,5 +530,5 @@ async def infer_version(model: str, version: str, body: InferenceRequest, reques
     return await _infer(request, model, version, body)
 
 
-router.add_api_route(KSERVE_INFER_ROUTE, infer, **_INFER_DOC)
-router.add_api_route(KSERVE_VERSION_INFER_ROUTE, infer_version, **_INFER_DOC)
+router.add_api_route(routes.KSERVE_INFER, infer, **_INFER_DOC)
+router.add_api_route(routes.KSERVE_VERSION_INFER, infer_version, **_INFER_DOC)

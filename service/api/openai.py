@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from service.api.common import encode_ids, encode_texts, model_entry, run, state
+from service import routes
 from service.api.errors import ERROR_RESPONSES
 from service.api.responses import FastJSONResponse
 from service.errors import InvalidInput
@@ -74,7 +75,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+@router.post(routes.OPENAI_EMBEDDINGS, response_model=EmbeddingResponse)
 async def create_embeddings(body: EmbeddingRequest, request: Request):
     entry = model_entry(request, body.model)
     if entry.manifest.task != "embedding":

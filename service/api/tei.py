@@ -10,6 +10,7 @@ from service.api.responses import FastJSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.common import admit, check_texts, encode_texts, model_entry, off_loop, run, state
+from service import routes
 from service.api.errors import ERROR_RESPONSES
 from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.embedding_types import EmbeddingType
@@ -78,7 +79,7 @@ def _texts(inputs) -> list[str]:
     return [inputs] if isinstance(inputs, str) else list(inputs)
 
 
-@router.post("/embed", response_model=Union[list[list[float]], list[list[int]]])
+@router.post(routes.TEI_EMBED, response_model=Union[list[list[float]], list[list[int]]])
 async def embed(body: EmbedRequest, request: Request):
     entry = model_entry(request, body.model)
     if entry.manifest.task != "embedding":
@@ -97,7 +98,7 @@ async def embed(body: EmbedRequest, request: Request):
     return FastJSONResponse(rows)
 
 
-@router.post("/predict", response_model=Union[list[Score], list[list[Score]]])
+@router.post(routes.TEI_PREDICT, response_model=Union[list[Score], list[list[Score]]])
 async def predict(body: PredictRequest, request: Request):
     entry = model_entry(request, body.model)
     if entry.manifest.task != "classification":
@@ -117,7 +118,7 @@ async def predict(body: PredictRequest, request: Request):
     return FastJSONResponse(result[0] if single else result)
 
 
-@router.post("/tokenize", response_model=Union[list[list[Token]], list[CompactTokens]])
+@router.post(routes.TEI_TOKENIZE, response_model=Union[list[list[Token]], list[CompactTokens]])
 async def tokenize(body: TokenizeRequest, request: Request):
     entry = model_entry(request, body.model)
     texts = _texts(body.inputs)
@@ -149,7 +150,7 @@ async def info(request: Request, model: str | None = None) -> dict:
     }
 
 
-@router.get("/health")
+@router.get(routes.TEI_HEALTH)
 async def health(request: Request) -> dict:
     registry = state(request).registry
     try:
