@@ -8,6 +8,7 @@ loaded model the request resolved to), ``error_type`` (set by the error handlers
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -106,21 +107,17 @@ class RefusalLog:
     def note(self, model: str | None, route: str) -> None:
         key = (model, route)
         self.pending[key] = self.pending.get(key, 0) + 1
-        now = self.clock()
-        if now - self.window_start >= self.interval_s:
-            self.flush(now)
+        self.flush_due()
 
     def flush_due(self) -> None:
-        """Write the window if it is over (a timer calls this, so that the last refusals of a burst are
-        logged even when no request follows them)."""
+        """Write the window if it is over: after each refusal, and on a timer (``run``), so that the last
+        refusals of a burst are logged even when no request follows them."""
         now = self.clock()
         if self.pending and now - self.window_start >= self.interval_s:
             self.flush(now)
 
     async def run(self) -> None:
         """Flush due windows until cancelled; then flush what is left (shutdown)."""
-        import asyncio
-
         try:
             while True:
                 await asyncio.sleep(self.interval_s)

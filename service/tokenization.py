@@ -108,9 +108,8 @@ class TextTokenizer:
         ``max_tokens`` in all, before building anything."""
         encodings = self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)
         total = sum(len(enc) for enc in encodings)
-        if max_tokens is not None and total > max_tokens:
-            raise PayloadTooLarge(f"{field} has {total} tokens in all; at most {max_tokens} per request "
-                                  f"(BERTSERVE_MAX_TOKENS_PER_REQUEST)")
+        if max_tokens is not None:
+            check_token_total(total, max_tokens, field)
         if compact:
             return orjson.dumps([{"ids": enc.ids, "tokens": enc.tokens, "offsets": enc.offsets,
                                   "special": enc.special_tokens_mask} for enc in encodings])
@@ -121,6 +120,13 @@ class TextTokenizer:
                            for tid, tok, (start, stop), special
                            in zip(enc.ids, enc.tokens, enc.offsets, enc.special_tokens_mask)])
         return orjson.dumps(result)
+
+
+def check_token_total(total: int, limit: int, field: str) -> None:
+    """The per-request cap on tokens (after truncation): bounds the work and the answer of one request."""
+    if total > limit:
+        raise PayloadTooLarge(f"{field} has {total} tokens in all; at most {limit} per request "
+                              f"(BERTSERVE_MAX_TOKENS_PER_REQUEST)")
 
 
 def pad_batch(items: Sequence[Encoded], input_names: Sequence[str], pad_id: int) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge
 from service.registry import ModelEntry
-from service.tokenization import Direction, Encoded
+from service.tokenization import Direction, Encoded, check_token_total
 from service.tracing import annotate_request
 
 
@@ -85,26 +85,26 @@ def check_texts(request: Request, texts: Sequence[str], field: str = "input") ->
             raise InvalidInput(f"{field}[{i}] is an empty string; every input must contain text")
         if len(text) > settings.max_chars_per_text:
             raise PayloadTooLarge(f"{field}[{i}] has {len(text)} characters; at most {settings.max_chars_per_text}")
-        if not text.isascii():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                # JSON's "\ud800" escape decodes to half a UTF-16 pair, which UTF-8 cannot encode: no
-                # tokenizer takes it (a TypeError out of it), and no answer could quote it.
-                raise InvalidInput(f"{field}[{i}] holds an unpaired UTF-16 surrogate at character {e.start}; "
-                                   f"texts must be valid Unicode") from None
+        at = unpaired_surrogate(text)
+        if at is not None:  # no tokenizer takes it (a TypeError out of it), and no answer could quote it
+            raise InvalidInput(f"{field}[{i}] holds an unpaired UTF-16 surrogate at character {at}; "
+                               f"texts must be valid Unicode")
+
+
+def unpaired_surrogate(text: str) -> int | None:
+    """Where ``text`` holds half a UTF-16 pair (JSON's "\ud800" escape decodes to one), which UTF-8
+    cannot encode; None when it is valid Unicode."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
 
 
 def check_ids(request: Request, sequences: Sequence[Sequence[int]], field: str = "input") -> None:
     _check_count(request, sequences, field, "input")
-
-
-def check_token_total(request: Request, tokens: int, field: str) -> None:
-    """The per-request cap on tokens (after truncation): bounds the work and the answer of one request."""
-    limit = state(request).settings.max_tokens_per_request
-    if tokens > limit:
-        raise PayloadTooLarge(f"{field} has {tokens} tokens in all; at most {limit} per request "
-                              f"(BERTSERVE_MAX_TOKENS_PER_REQUEST)")
 
 
 async def off_loop(request: Request, size: int, fn, *args):
@@ -136,7 +136,7 @@ async def encode_texts(request: Request, entry: ModelEntry, texts: Sequence[str]
     began = time.perf_counter()
     encoded = await off_loop(request, sum(len(t) for t in texts), entry.tokenizer.encode_texts, list(texts),
                              truncate, direction, field)
-    check_token_total(request, sum(len(e) for e in encoded), field)
+    check_token_total(sum(len(e) for e in encoded), state(request).settings.max_tokens_per_request, field)
     _record_tokenization(request, entry, began, encoded)
     return encoded
 
@@ -148,7 +148,7 @@ async def encode_ids(request: Request, entry: ModelEntry, sequences: Sequence[Se
     began = time.perf_counter()
     encoded = await off_loop(request, sum(len(s) for s in sequences), entry.tokenizer.encode_ids, sequences,
                              truncate, direction, field)
-    check_token_total(request, sum(len(e) for e in encoded), field)
+    check_token_total(sum(len(e) for e in encoded), state(request).settings.max_tokens_per_request, field)
     _record_tokenization(request, entry, began, encoded)
     return encoded
 

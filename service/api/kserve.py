@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.api.common import encode_ids, encode_texts, model_entry, off_loop, run, state
+from service.api.common import encode_ids, encode_texts, model_entry, off_loop, run, state, unpaired_surrogate
 from service.api.errors import ERROR_RESPONSES
 from service.errors import InvalidInput, ModelNotFound, PayloadTooLarge, shown
 from service import routes
@@ -73,14 +73,12 @@ class InferenceRequest(_Strict):
     @field_validator("id")
     @classmethod
     def _echoable(cls, value: str | None) -> str | None:
-        # The id is echoed in the answer. JSON's "\ud800" escape decodes to half a UTF-16 pair, which
-        # UTF-8 cannot encode: refused here, rather than answered with a different id.
-        if value is not None:
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"id holds an unpaired UTF-16 surrogate at character {e.start}; it must be "
-                                 f"valid Unicode, as it is echoed in the response") from None
+        # The id is echoed in the answer: one UTF-8 cannot encode is refused here, rather than answered
+        # with a different id.
+        at = None if value is None else unpaired_surrogate(value)
+        if at is not None:
+            raise ValueError(f"id holds an unpaired UTF-16 surrogate at character {at}; it must be "
+                             f"valid Unicode, as it is echoed in the response")
         return value
 
 

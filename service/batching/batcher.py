@@ -89,8 +89,9 @@ class Batcher:
     ``"recovered"`` {worker, running_s} (that batch ended).
 
     Admission: a request is refused (Overloaded) when its items would not fit in ``max_queue_items``, or
-    when the work already queued would take the workers longer than ``max_queue_wait_s`` (estimated from
-    the queued tokens and the recent inference time per token). So a client that sends its next request
+    when the queue is ``max_queue_wait_s`` deep in time: the work already queued would take the workers
+    longer than that (estimated from the queued tokens and the recent inference time per token), or its
+    oldest item has already waited that long (``_saturated``). So a client that sends its next request
     only after the answer to the last is never refused while all such clients' requests together are
     under ``max_queue_wait_s`` of work and ``max_queue_items`` items.
     """
