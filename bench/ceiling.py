@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.workloads import load_manifest, load_tokenizer
+from service.backends.onnx import session_options
 from service.tokenization import pad_token_id
 
 
@@ -28,11 +29,7 @@ class Ceiling:
         self.tok.enable_truncation(self.max_seq_len)
         self.pad_id = pad_token_id(self.tok, path / manifest.get("tokenizer_dir", "tokenizer"))
         # The same session options as the server's ONNX backend.
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path / manifest["model_file"]), opts,
+        self.session = ort.InferenceSession(str(path / manifest["model_file"]), session_options(self.threads),
                                             providers=["CPUExecutionProvider"])
         self.model_file = str(path / manifest["model_file"])
 

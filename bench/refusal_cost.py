@@ -48,7 +48,6 @@ async def _refused(app, body: bytes) -> int:
 
 async def measure(store: Path, model: str, requests: int) -> dict:
     from service.app import create_app
-    from service.batching.batcher import Batcher
     from service.observability import configure_logging
     from service.settings import ServiceSettings
 
@@ -56,8 +55,8 @@ async def measure(store: Path, model: str, requests: int) -> dict:
     logging.getLogger().handlers[0].stream = open("/dev/null", "w")  # the access log, written but not shown
     app = create_app(ServiceSettings(model_store=store, default_model=model))
     async with app.router.lifespan_context(app):
-        saturated = Batcher._saturated
-        Batcher._saturated = lambda self, items: True  # every request finds the queue full
+        admission = app.state.registry.get(model).batcher.admission
+        admission.saturated = lambda items: True  # every request finds the queue full
         body = b'{"input": "The central bank left its rates unchanged on Tuesday.", "model": "' + model.encode() + b'"}'
         status = await _refused(app, body)
         if status != 429:
@@ -72,7 +71,7 @@ async def measure(store: Path, model: str, requests: int) -> dict:
         # Accepted requests, one at a time through the same stack: the event loop's CPU per request
         # (HTTP layer, door, route, tokenizing a short text inline, answer); inference runs on the
         # worker threads, which thread_time() of the loop's thread does not count.
-        Batcher._saturated = saturated
+        del admission.saturated  # the rule again
         for _ in range(50):
             await _answered(app, body)
         began_loop = time.thread_time()

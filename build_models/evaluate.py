@@ -47,9 +47,9 @@ def torch_runner(module: torch.nn.Module, names: list[str]) -> Runner:
 def onnx_runner(path, names: list[str], threads: int, provider: str = "cpu") -> Runner:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
+    from service.backends.onnx import session_options
+
+    opts = session_options(threads)
     providers = ["CPUExecutionProvider"]
     if provider == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")

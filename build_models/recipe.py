@@ -10,19 +10,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from build_models.errors import RecipeError
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+from service.strict import StrictModel
 
 
 # ---------------------------------------------------------------- source
 
 
-class SourceConfig(_Strict):
+class SourceConfig(StrictModel):
     """Where the checkpoint comes from: a local Hugging Face directory or a package that ships one."""
 
     path: str | None = None
@@ -38,19 +35,19 @@ class SourceConfig(_Strict):
 # ---------------------------------------------------------------- steps
 
 
-class ExportOnnxConfig(_Strict):
+class ExportOnnxConfig(StrictModel):
     step: Literal["export_onnx"] = "export_onnx"
     opset: int = Field(17, ge=17, le=21)
     # Relative tolerance used to check the exported graph against PyTorch right after export.
     atol: float = Field(1e-4, gt=0)
 
 
-class ExportTorchScriptConfig(_Strict):
+class ExportTorchScriptConfig(StrictModel):
     step: Literal["export_torchscript"] = "export_torchscript"
     atol: float = Field(1e-4, gt=0)
 
 
-class OptimizeConfig(_Strict):
+class OptimizeConfig(StrictModel):
     step: Literal["optimize"] = "optimize"
     # 1 = ORT's transformer fusions (Attention, SkipLayerNormalization, BiasGelu, ...) done offline.
     # Higher levels bake in CPU- or GPU-specific layouts, so they are left to session creation.
@@ -60,7 +57,7 @@ class OptimizeConfig(_Strict):
     require_fusion: bool = True
 
 
-class QuantizeConfig(_Strict):
+class QuantizeConfig(StrictModel):
     step: Literal["quantize"] = "quantize"
     # int8_dynamic: ONNX graphs use ORT's dynamic quantizer; PyTorch modules use
     # torch.ao.quantization.quantize_dynamic. int4_weight_only: ORT MatMulNBits. fp16: for CUDA.
@@ -81,7 +78,7 @@ Dataset = Literal["reuters-r8", "reuters-r52", "20newsgroups", "election-tweets"
 Strategy = Literal["auto", "single", "ddp", "parameter_server", "pipeline"]
 
 
-class PruneConfig(_Strict):
+class PruneConfig(StrictModel):
     """Structured pruning by importance (build_models/steps/prune.py), before export."""
 
     step: Literal["prune"] = "prune"
@@ -106,7 +103,7 @@ class PruneConfig(_Strict):
         return self
 
 
-class TrainingConfig(_Strict):
+class TrainingConfig(StrictModel):
     """What the training steps (finetune, distill) share: data, optimiser, checkpoints, strategy."""
 
     dataset: Dataset = "reuters-r8"  # its train split only, never the evaluation split
@@ -180,7 +177,7 @@ StepConfig = Annotated[
 # ---------------------------------------------------------------- gates, evaluation, variants
 
 
-class GatesConfig(_Strict):
+class GatesConfig(StrictModel):
     """Minimum quality a variant must keep against the fp32 reference to be published."""
 
     downstream_retention: float | None = Field(0.99, ge=0, le=1.5)
@@ -189,7 +186,7 @@ class GatesConfig(_Strict):
     agreement: float | None = Field(None, ge=0, le=1)
 
 
-class EvaluationConfig(_Strict):
+class EvaluationConfig(StrictModel):
     dataset: Dataset = "reuters-r8"
     # Subsample sizes keep a build inside minutes on a 2-core machine; seeds make them repeatable.
     probe_train_samples: int = Field(800, ge=20)
@@ -224,7 +221,7 @@ def steps_from_yaml(value: Any) -> Any:
 TeacherStep = Annotated[Union[FinetuneConfig], Field(discriminator="step")]
 
 
-class VariantConfig(_Strict):
+class VariantConfig(StrictModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str | None = None
     # Execution provider the variant is meant for; "cuda" variants are still built and checked on CPU
@@ -261,7 +258,7 @@ class VariantConfig(_Strict):
         return self
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     family: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str | None = None
     source: SourceConfig

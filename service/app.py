@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import metadata
 
@@ -17,9 +15,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import watchdog
 from service.api import kserve, openai, ops, repository, tei
-from service.api.common import EntryLeases
-from service.api.errors import REQUEST_ID_HEADER, install_error_handlers
+from service.api.errors import install_error_handlers
 from service.auth import AccessControl
+from service.context import RequestScope
 from service.metrics import ServiceMetrics
 from service.observability import RefusalLog, RequestObserver
 from service.registry import Registry
@@ -39,7 +37,7 @@ def _version() -> str:
 
 
 class RequestGuard:
-    """Pure ASGI middleware: a request id on every request and response, and the body byte limit.
+    """Pure ASGI middleware: the body byte limit, checked on the declared length and on what is read.
 
     (FastAPI's @app.middleware("http") wraps every request in extra tasks and streams; on a
     2-core machine that cost was visible next to a 3 ms inference.)
@@ -51,10 +49,7 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or {})
-        rid = (headers.get(REQUEST_ID_HEADER.encode()) or b"").decode("latin-1")[:128] or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
-        declared = headers.get(b"content-length")
+        declared = next((v for k, v in scope.get("headers") or () if k == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(scope, receive, send)
         seen = 0
@@ -69,18 +64,13 @@ class RequestGuard:
                     raise _TooLarge(self.max_bytes)
             return message
 
-        async def tagged_send(message: dict) -> None:
+        async def watched_send(message: dict) -> None:
             nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                names = {k.lower() for k, _ in message.get("headers", [])}
-                if REQUEST_ID_HEADER.encode() not in names:
-                    # latin-1, as it was decoded: the client's id goes back byte for byte, as error answers send it.
-                    message["headers"] = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), rid.encode("latin-1"))]
+            started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, limited, tagged_send)
+            await self.app(scope, limited, watched_send)
         except _TooLarge:
             if not started:
                 await self._refuse(scope, receive, send)
@@ -125,6 +115,7 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
         app.state.registry = reg
         reloader = app.state.reloader = Reloader(reg, settings)
         app.state.metrics.attach(reg)
+        reg.runtime.tracing = app.state.tracing  # the model entries annotate the request's span
         if not reg.entries:
             await reloader.load_store()
         reg.start()
@@ -141,7 +132,6 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         reloader.close()
-        app.state.tokenizer_pool.shutdown(wait=False)
 
     app = FastAPI(title="bertserve", version=_version(), default_response_class=FastJSONResponse, lifespan=lifespan,
                   **_without_native_telemetry(),
@@ -152,7 +142,6 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
     app.state.started_at = time.time()
     app.state.metrics = ServiceMetrics()
     app.state.refusals = RefusalLog()
-    app.state.tokenizer_pool = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
     install_error_handlers(app)
 
     app.include_router(openai.router)
@@ -160,10 +149,13 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
     app.include_router(tei.router)
     app.include_router(kserve.router)
     app.include_router(repository.router)
-    app.add_middleware(EntryLeases)  # innermost: a request's model leases end after its answer
-    app.add_middleware(LoadShedder)  # after authentication: an unauthorized client hears 401, not 429
-    app.add_middleware(AccessControl, settings=settings)  # inside the guard: refusals carry a request id
+    # Outermost last. In a request's order: its context and id, its observation (so the guard's own
+    # answers are counted too), the body limit, the keys, then the door (after authentication: an
+    # unauthorized client hears 401, not 429).
+    app.add_middleware(LoadShedder)
+    app.add_middleware(AccessControl, settings=settings)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestObserver, metrics=app.state.metrics, refusals=app.state.refusals)  # outermost: sees the guard's answers too
+    app.add_middleware(RequestObserver, metrics=app.state.metrics, refusals=app.state.refusals)
+    app.add_middleware(RequestScope)
     app.state.tracing = setup_tracing(app, tracing_exporter)
     return app

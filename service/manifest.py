@@ -17,7 +17,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from service.strict import StrictModel
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -39,23 +41,19 @@ class ManifestError(Exception):
     """A manifest is missing, malformed, or does not match the files beside it."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class TensorSpec(_Strict):
+class TensorSpec(StrictModel):
     name: str
     dtype: str
     # Symbolic axes are strings ("batch", "sequence"); fixed ones are ints.
     shape: list[int | str]
 
 
-class FileEntry(_Strict):
+class FileEntry(StrictModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(ge=0)
 
 
-class StepRecord(_Strict):
+class StepRecord(StrictModel):
     """One build step as it ran: its name and every parameter, defaults included."""
 
     name: str
@@ -64,21 +62,21 @@ class StepRecord(_Strict):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
-class Lineage(_Strict):
+class Lineage(StrictModel):
     source: dict[str, Any]
     recipe: str | None = None
     steps: list[StepRecord] = Field(default_factory=list)
     builder: dict[str, str] = Field(default_factory=dict)
 
 
-class QualityGateResult(_Strict):
+class QualityGateResult(StrictModel):
     metric: str
     value: float | None
     limit: float
     passed: bool
 
 
-class EmbeddingRanges(_Strict):
+class EmbeddingRanges(StrictModel):
     """Per-dimension min and max of an embedding variant's own outputs on calibration text.
 
     The server maps each dimension's range onto 256 buckets for ``int8``/``uint8`` embeddings
@@ -102,7 +100,7 @@ class EmbeddingRanges(_Strict):
         return self
 
 
-class EmbeddingTypeCost(_Strict):
+class EmbeddingTypeCost(StrictModel):
     """What serving one embedding type costs against the fp32 reference's float vectors."""
 
     type: Literal["float32", "int8", "uint8", "binary"]  # ubinary: the same bits as binary
@@ -114,7 +112,7 @@ class EmbeddingTypeCost(_Strict):
     recall_at_k_rescored: float | None = None
 
 
-class EmbeddingTypesQuality(_Strict):
+class EmbeddingTypesQuality(StrictModel):
     k: int
     rescore_candidates: int
     queries: int
@@ -124,7 +122,7 @@ class EmbeddingTypesQuality(_Strict):
     note: str | None = None
 
 
-class Quality(_Strict):
+class Quality(StrictModel):
     """Quality of the variant measured against the fp32 PyTorch reference of the same source."""
 
     dataset: str
@@ -141,7 +139,7 @@ class Quality(_Strict):
     note: str | None = None
 
 
-class LatencyProbe(_Strict):
+class LatencyProbe(StrictModel):
     """In-process timings taken at build time, with the reference measured in the same run."""
 
     unit: Literal["ms_per_batch"] = "ms_per_batch"
@@ -150,7 +148,7 @@ class LatencyProbe(_Strict):
     note: str | None = None
 
 
-class Manifest(_Strict):
+class Manifest(StrictModel):
     schema_version: int = SCHEMA_VERSION
     name: str = Field(pattern=f"^{NAME.pattern}$")
     version: int = Field(ge=1)

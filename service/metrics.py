@@ -106,8 +106,8 @@ class ServiceMetrics:
     # ------------------------------------------------------------- feeding
 
     def on_event(self, kind: str, data: dict) -> None:
-        """The registry's events: batches and failed batches (see Batcher), and loaded versions, whose
-        model gets its series at once if it is new. Rejections are counted per request by the HTTP layer
+        """The registry's events: batches and failed batches (see Batcher), requests tokenized (see
+        ModelEntry), and loaded versions, whose model gets its series at once if it is new. Rejections are counted per request by the HTTP layer
         (``observe_request``), which also sees those that never reach a queue."""
         model = data.get("model", NO_MODEL)
         if kind == "loaded":
@@ -124,6 +124,8 @@ class ServiceMetrics:
             self.inference_errors.labels(model).inc()
         elif kind == "stalled":
             self.stalled_batches.labels(model).inc()
+        elif kind == "tokenized":
+            self.observe_tokenization(model, data["seconds"], data["tokens"])
 
     def observe_request(self, model: str | None, route: str, status: int, seconds: float,
                         error_type: str | None) -> None:

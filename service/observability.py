@@ -1,9 +1,9 @@
 """Per-request observation: Prometheus request metrics, timing headers and one JSON access-log line.
 
-A pure ASGI middleware, outermost, so that it also sees the answers RequestGuard gives on its own (413
-for an oversized body). Handlers leave what they learn in the request's state dict: ``model`` (the
-loaded model the request resolved to), ``error_type`` (set by the error handlers) and ``timing``
-(tokenization, queue and inference seconds).
+A pure ASGI middleware outside every other but the request's scope, so that it also sees the answers
+RequestGuard gives on its own (413 for an oversized body). It reads what the request's layers learnt
+from its context (service/context.py): the model it resolved to, the error it was answered with, and
+its timings.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import routes
+from service import context, routes
 from service.metrics import ServiceMetrics
 
 access_log = logging.getLogger("bertserve.access")
@@ -24,7 +24,7 @@ access_log = logging.getLogger("bertserve.access")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before its answer
 
 
-# Timing headers in milliseconds, named as text-embeddings-inference names them.
+# Timing headers in milliseconds, named as text-embeddings-inference names them; the fields of Timing.
 _TIMING_HEADERS = (("tokenization_s", b"x-tokenization-time"), ("queue_s", b"x-queue-time"),
                    ("infer_s", b"x-inference-time"))
 
@@ -44,7 +44,7 @@ class RequestObserver:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
-        state = scope.setdefault("state", {})
+        ctx = context.of(scope)
         status = 500  # if the app raises before answering, the server answers 500
         answered = disconnected = gone_first = False
 
@@ -59,9 +59,9 @@ class RequestObserver:
             nonlocal status, answered, gone_first
             if message["type"] == "http.response.start":
                 status, answered, gone_first = message["status"], True, disconnected
-                timing = state.get("timing") or {}
-                extra = [(name, f"{timing[key] * 1000:.2f}".encode()) for key, name in _TIMING_HEADERS
-                         if key in timing]
+                timing = ctx.timing
+                extra = [(name, f"{seconds * 1000:.2f}".encode()) for key, name in _TIMING_HEADERS
+                         if (seconds := getattr(timing, key)) is not None]
                 extra.append((b"x-total-time", f"{(time.perf_counter() - started) * 1000:.2f}".encode()))
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
@@ -74,22 +74,22 @@ class RequestObserver:
             if disconnected and (gone_first or not answered):
                 # Counted as nginx counts it (499), never as a server error: nobody is left to answer.
                 status = CLIENT_CLOSED_REQUEST
-                state["error_type"] = "client_disconnected"
+                ctx.error_type = "client_disconnected"
             seconds = time.perf_counter() - started
             route = route_template(scope)
-            model = state.get("model")
+            model = ctx.model
             try:
-                self.metrics.observe_request(model, route, status, seconds, state.get("error_type"))
+                self.metrics.observe_request(model, route, status, seconds, ctx.error_type)
             except Exception:  # noqa: BLE001 - metrics must never break serving
                 access_log.exception("recording request metrics failed")
             if route not in routes.PROBES and access_log.isEnabledFor(logging.INFO):
-                if state.get("error_type") == "overloaded":
+                if ctx.error_type == "overloaded":
                     self.refusals.note(model, route)
                 else:
                     access_log.info("request", extra={"fields": {
-                        "request_id": state.get("request_id"), "method": scope.get("method"), "route": route,
+                        "request_id": ctx.request_id, "method": scope.get("method"), "route": route,
                         "model": model, "status": status, "duration_ms": round(seconds * 1000, 2),
-                        "error_type": state.get("error_type"),
+                        "error_type": ctx.error_type,
                     }})
 
 

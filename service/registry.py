@@ -8,6 +8,9 @@ completely off the event loop (``prepare``), then switched in with one dict assi
 (``install``), so a request sees the old version or the new one, never a half-loaded one. An old one is
 withdrawn from lookups first and closed only once every request that resolved it has finished
 (``retire``): requests hold a lease on the entry they resolved (``ModelEntry.acquire``).
+
+What a loaded entry does with a request is service/model_entry.py's; this module owns which entries
+exist and their batchers, and passes their events (batches, refusals, loads) to its listeners.
 """
 
 from __future__ import annotations
@@ -16,59 +19,23 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from service.backends.base import Backend, ProviderUnavailable, load_backend
+from service.backends.rows import row_infer_fn
 from service.batching.batcher import Batcher
 from service.batching.policy import BatchLimits
 from service.errors import ModelNotFound, NotReady
 from service.manifest import Manifest, ManifestError, inside, load_verified
+from service.model_entry import ModelEntry, Runtime
 from service.settings import ServiceSettings
-from service.tokenization import TextTokenizer, pad_batch
+from service.tokenization import TextTokenizer
 from service.version_policy import parse_version_policy
 
 log = logging.getLogger("bertserve.registry")
 
 BackendLoader = Callable[[Path, Manifest, ServiceSettings], Backend]
-
-
-@dataclass(eq=False)  # identity: the old and the new entry of one version may be alive at once
-class ModelEntry:
-    name: str
-    version: int
-    path: Path
-    status: str = "loading"  # loading | ready | failed | skipped | unloading | unloaded
-    reason: str | None = None
-    manifest: Manifest | None = None
-    tokenizer: TextTokenizer | None = None
-    backends: list[Backend] = field(default_factory=list)
-    solo_backends: list[Backend] = field(default_factory=list)  # same model, more threads (see settings)
-    batcher: Batcher | None = None
-    leases: int = 0  # requests that resolved this entry and have not finished; event-loop only
-
-    @property
-    def ready(self) -> bool:
-        return self.status == "ready"
-
-    def acquire(self) -> None:
-        """A request holds the entry it resolved until its response is sent (see ``Registry.retire``)."""
-        self.leases += 1
-
-    def release(self) -> None:
-        self.leases -= 1
-
-    @property
-    def stalled(self) -> bool:
-        """A batch of this version is stuck in a backend (the watchdog's verdict): serving, not ready."""
-        return self.batcher is not None and self.batcher.stalled
-
-    @property
-    def input_names(self) -> list[str]:
-        return [i.name for i in self.manifest.inputs]
 
 
 class Registry:
@@ -85,6 +52,7 @@ class Registry:
         self._listeners: list[Callable[[str, dict], None]] = []
         self._backend_loader = backend_loader
         self.problem: str | None = None  # why nothing is ready, when nothing is
+        self.runtime = Runtime(settings, emit=self._event)  # what every entry shares
 
     # ------------------------------------------------------------ loading
 
@@ -103,7 +71,7 @@ class Registry:
             entry.solo_backends = self._solo_backends(entry)
             for backend in entry.backends + entry.solo_backends:
                 backend.warmup()
-            entry.batcher = self._make_batcher(entry)
+            entry.batcher = self._batcher_for(entry)
         except ProviderUnavailable as exc:
             entry.status, entry.reason = "skipped", self._relative(str(exc), entry)
             log.warning("skipping %s v%d: %s", name, version, exc)
@@ -146,7 +114,8 @@ class Registry:
 
     def begin_load(self, name: str, version: int) -> ModelEntry:
         """Event loop: a fresh entry for ``prepare``, shown as loading until ``install``."""
-        entry = ModelEntry(name=name, version=version, path=self.settings.model_store / name / str(version))
+        entry = ModelEntry(name=name, version=version, path=self.settings.model_store / name / str(version),
+                           runtime=self.runtime)
         self.transitions.add(entry)
         return entry
 
@@ -163,27 +132,26 @@ class Registry:
         wide = s.model_copy(update={"intra_op_threads": s.solo_threads, "ort_spinning": False})
         return [self._backend_loader(entry.path, entry.manifest, wide) for _ in entry.backends]
 
-    def _make_batcher(self, entry: ModelEntry) -> Batcher:
+    def add(self, entry: ModelEntry) -> ModelEntry:
+        """Put an entry whose backends are already loaded in place as ready (tests and embedders build
+        them by hand): it gets this registry's runtime and a batcher, started with the app."""
+        entry.runtime = self.runtime
+        if entry.batcher is None:
+            entry.batcher = self._batcher_for(entry)
+        entry.status = "ready"
+        self.entries[(entry.name, entry.version)] = entry
+        return entry
+
+    def _batcher_for(self, entry: ModelEntry) -> Batcher:
         s = self.settings
         limits = BatchLimits(max_batch_size=s.max_batch_size,
                              max_batch_tokens=max(s.max_batch_tokens, entry.manifest.max_seq_len),
                              max_queue_delay_s=s.max_queue_delay_ms / 1000,
                              max_padding_ratio=s.max_padding_ratio or None)
         names, pad_id = entry.input_names, entry.tokenizer.pad_id
-
-        def infer_fn_for(backend: Backend):
-            output = backend.info.output_name
-
-            def infer(items) -> list[np.ndarray]:
-                batch = pad_batch([it.payload for it in items], names, pad_id)
-                rows = backend.infer(batch)[output]
-                return list(rows)
-
-            return infer
-
-        return Batcher(f"{entry.name}:{entry.version}", [infer_fn_for(b) for b in entry.backends], limits,
-                       s.max_queue_items, on_event=self._model_event(entry.name),
-                       solo_infer_fns=[infer_fn_for(b) for b in entry.solo_backends] or None,
+        return Batcher(f"{entry.name}:{entry.version}", [row_infer_fn(b, names, pad_id) for b in entry.backends],
+                       limits, s.max_queue_items, on_event=self._model_event(entry.name),
+                       solo_infer_fns=[row_infer_fn(b, names, pad_id) for b in entry.solo_backends] or None,
                        max_queue_wait_s=s.max_queue_wait_ms / 1000, stall_after_s=s.stall_timeout_s or None)
 
     def _model_event(self, model: str):
@@ -193,9 +161,9 @@ class Registry:
         return forward
 
     def subscribe(self, listener: Callable[[str, dict], None]) -> None:
-        """Call ``listener(kind, data)`` for every batcher event (data has "model"), from any thread, and
-        for every version loaded or unloaded ("loaded" {model, version, status}, "unloaded" {model,
-        version}), from the event loop."""
+        """Call ``listener(kind, data)`` for every batcher event (data has "model"), from any thread; for
+        every request tokenized ("tokenized" {model, seconds, tokens}); and for every version loaded or
+        unloaded ("loaded" {model, version, status}, "unloaded" {model, version}), from the event loop."""
         self._listeners.append(listener)
 
     def _event(self, kind: str, data: dict) -> None:
@@ -263,6 +231,7 @@ class Registry:
             if entry.batcher is not None:
                 await entry.batcher.stop(grace_s)
             self.close_backends(entry)
+        self.runtime.close()
 
     # ------------------------------------------------------------ lookup
 

@@ -3,11 +3,13 @@ Retry-After) before FastAPI routes, validates and tokenizes it.
 
 Under ten times its capacity a 2-core server spends most of its time refusing; every millisecond of
 Python a refusal costs is taken from the model. Here a refusal costs reading the body, one orjson
-parse to find the model and count its inputs, and one look at its batcher's queue. An admitted request
-holds its room in the queue (``Batcher.reserve``) until its route submits it, so a burst read in one
-go is admitted only as far as the queue has room, and the rest is refused here, cheaply, not after
-tokenizing. Anything this layer cannot read plainly (not a JSON object, a model it does not know, a
-model not ready) goes on to the routes, which answer it as usual.
+parse to find the model and count its inputs, and one question to its admission
+(service/batching/admission.py). An admitted request carries its ticket in its context; the model
+entry uses that ticket instead of taking another, and its submit turns it into queued items. So a
+burst read in one go is admitted only as far as the queue has room, and the rest is refused here,
+cheaply, not after tokenizing. Anything this layer cannot read plainly (not a JSON object, a model it
+does not know, a model not ready, more inputs than its queue holds) goes on to the routes, which answer
+it as usual.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import orjson
 from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import Overloaded, ServiceError
+from service import context
+from service.errors import Overloaded, PayloadTooLarge, ServiceError
 from service.routes import BODY_NAMED, KSERVE_INFER, KSERVE_VERSION_INFER
 
 # KServe v2 names the model (and maybe the version) in the path.
@@ -57,14 +60,16 @@ class LoadShedder:
         body = b"".join(chunks)
 
         entry, items = self._entry(registry, body, kserve)
-        reservation = None
         if entry is not None and entry.batcher is not None:
             try:
-                reservation = entry.batcher.reserve(items)
+                # Given back when the request is over if no queue took it (context.RequestScope).
+                context.of(scope).ticket = entry.batcher.admission.admit(items)
+            except PayloadTooLarge:
+                pass  # more than the queue holds: the route answers 413 with the limit that applies
             except Overloaded as exc:
                 from service.api.errors import error_response
 
-                scope.setdefault("state", {})["model"] = entry.name
+                context.of(scope).model = entry.name
                 # Refused before routing: name the route template the request was for, so its
                 # metrics and log line say which API was refused, not "unmatched".
                 scope["route"] = _RouteTemplate(path if not kserve else KSERVE_TEMPLATES[kserve.group(2) is not None])
@@ -81,15 +86,7 @@ class LoadShedder:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        if reservation is None:
-            return await self.app(scope, replay, send)
-        # The route's submit turns the reservation into queued items; if the request ends before
-        # that (bad input, a disconnect, another model), its room is given back here.
-        scope.setdefault("state", {})["reservation"] = reservation
-        try:
-            await self.app(scope, replay, send)
-        finally:
-            reservation.release()
+        await self.app(scope, replay, send)
 
     @staticmethod
     def _entry(registry, body: bytes, kserve) -> tuple[object | None, int]:
@@ -113,6 +110,4 @@ class LoadShedder:
             entry = registry.get(name, version)
         except ServiceError:
             return None, 0
-        if entry.batcher is not None and items > entry.batcher.max_queue_items:
-            return None, 0  # more than the queue holds: the route answers 413
         return entry, items

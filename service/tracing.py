@@ -50,7 +50,7 @@ def setup_tracing(app, exporter=None) -> bool:
     return True
 
 
-def annotate_request(model: str, inputs: int, timing: dict) -> None:
+def annotate_request(model: str, inputs: int, timing) -> None:
     """Attributes on the current request's span, when tracing is on."""
     try:
         from opentelemetry import trace
@@ -61,6 +61,7 @@ def annotate_request(model: str, inputs: int, timing: dict) -> None:
         return
     span.set_attribute("bertserve.model", model)
     span.set_attribute("bertserve.inputs", inputs)
-    for key in ("tokenization_s", "queue_s", "infer_s"):
-        if key in timing:
-            span.set_attribute(f"bertserve.{key[:-2]}_ms", round(timing[key] * 1000, 3))
+    for key in ("tokenization_s", "queue_s", "infer_s"):  # the fields of service.context.Timing
+        seconds = getattr(timing, key)
+        if seconds is not None:
+            span.set_attribute(f"bertserve.{key[:-2]}_ms", round(seconds * 1000, 3))

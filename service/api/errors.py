@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +11,8 @@ from pydantic import BaseModel, Field
 from service.api.responses import FastJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import context
+from service.context import REQUEST_ID_HEADER
 from service.errors import ServiceError
 
 log = logging.getLogger("bertserve.api")
@@ -35,18 +36,14 @@ ERROR_RESPONSES: dict = {code: {"model": ErrorBody, "description": what} for cod
     (400, "malformed request"), (401, "missing or wrong API key"), (404, "unknown model or route"),
     (405, "method not allowed"), (413, "too large"), (422, "invalid input"), (429, "overloaded; see Retry-After"),
     (500, "a backend failed this batch"), (503, "not ready, shutting down, or timed out"))}
-REQUEST_ID_HEADER = "x-request-id"
 # A message is for a person. One that quotes a client's text is cut here, so that no request can make
 # the server echo its megabyte back, whatever the raising code quoted.
 MAX_MESSAGE_CHARS = 1024
 
 
 def request_id(request: Request) -> str:
-    """The id app.RequestGuard gave this request (from the client's header or fresh)."""
-    rid = getattr(request.state, "request_id", None)
-    if rid is None:  # only outside the guard, e.g. an app built without it
-        rid = request.state.request_id = uuid.uuid4().hex
-    return rid
+    """The request's id (from the client's X-Request-Id or fresh; service/context.py)."""
+    return context.of(request.scope).request_id
 
 
 def _printable(message: str) -> str:
@@ -60,8 +57,9 @@ def _printable(message: str) -> str:
 
 def error_response(request: Request, status: int, type_: str, message: str,
                    headers: dict[str, str] | None = None) -> FastJSONResponse:
-    rid = request_id(request)
-    request.state.error_type = type_  # for the request metrics and the access log
+    ctx = context.of(request.scope)
+    rid = ctx.request_id
+    ctx.error_type = type_  # for the request metrics and the access log
     body = {"error": {"type": type_, "message": _printable(message), "request_id": rid}}
     return FastJSONResponse(body, status_code=status, headers={**(headers or {}), REQUEST_ID_HEADER: rid})
 

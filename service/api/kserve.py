@@ -20,13 +20,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from service.api.common import encode_ids, encode_texts, model_entry, off_loop, run, state, unpaired_surrogate
+from service import routes
+from service.api.common import call, model_entry, off_loop, state
 from service.api.errors import ERROR_RESPONSES
 from service.errors import InvalidInput, ModelNotFound, PayloadTooLarge, shown
-from service import routes
+from service.inputs import InferOptions, Inputs, unpaired_surrogate
+from service.model_entry import ModelEntry
 from service.outputs import softmax
-from service.registry import ModelEntry
-from service.tokenization import Encoded
+from service.strict import StrictModel
 
 BINARY_HEADER = "Inference-Header-Content-Length"
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -45,12 +46,7 @@ Dim = Annotated[int, Field(ge=0, le=INT64_MAX)]
 # ------------------------------------------------------------------ schemas
 
 
-class _Strict(BaseModel):
-    # Unknown fields are refused so a misspelt "outputs" or "datatype" is an error, not silently ignored.
-    model_config = ConfigDict(extra="forbid")
-
-
-class RequestInput(_Strict):
+class RequestInput(StrictModel):
     name: str = Field(min_length=1)
     shape: list[Dim] = Field(max_length=MAX_RANK)
     datatype: str = Field(description="BYTES for texts, INT64 for input_ids / attention_mask / token_type_ids")
@@ -58,12 +54,12 @@ class RequestInput(_Strict):
     data: list[Any] | None = Field(None, description="row-major values, flat or nested")
 
 
-class RequestOutput(_Strict):
+class RequestOutput(StrictModel):
     name: str
     parameters: dict[str, Any] | None = Field(None, description="binary_data: return this output as raw bytes")
 
 
-class InferenceRequest(_Strict):
+class InferenceRequest(StrictModel):
     id: str | None = None
     parameters: dict[str, Any] | None = Field(
         None, description="truncate (bool, default false), binary_data_output (bool), timeout (microseconds)")
@@ -410,7 +406,8 @@ def _token_rows(tensors: dict[str, _Tensor], max_rows: int) -> list[list[int]]:
     return [ids[i, : lengths[i]].tolist() for i in range(n)]
 
 
-async def _encode(request: Request, entry: ModelEntry, tensors: list[_Tensor], truncate: bool) -> list[Encoded]:
+def _inputs(tensors: list[_Tensor], max_rows: int) -> Inputs:
+    """The request's texts (one BYTES tensor) or token-id rows (INT64 input_ids and its companions)."""
     texts = [t for t in tensors if t.datatype == "BYTES"]
     if texts:
         if len(tensors) > 1:
@@ -419,9 +416,8 @@ async def _encode(request: Request, entry: ModelEntry, tensors: list[_Tensor], t
         text = texts[0]
         if len(text.shape) not in (1, 2) or (len(text.shape) == 2 and text.shape[1] != 1):
             raise InvalidInput(f"{text.name} must have shape [N] or [N, 1]; got {text.shape}")
-        return await encode_texts(request, entry, text.values, truncate, "right", text.name)
-    rows = _token_rows({t.name: t for t in tensors}, state(request).settings.max_inputs_per_request)
-    return await encode_ids(request, entry, rows, truncate, "right", "input_ids")
+        return Inputs.of_texts(text.values, text.name)
+    return Inputs.of_ids(_token_rows({t.name: t for t in tensors}, max_rows), "input_ids")
 
 
 # ------------------------------------------------------------------ parameters and outputs
@@ -435,7 +431,7 @@ def _flag(params: dict[str, Any], key: str, where: str, default: bool = False) -
 
 
 def _timeout_s(params: dict[str, Any]) -> float | None:
-    """Triton's `timeout` parameter (microseconds); None lets run() apply X-Request-Timeout or the setting."""
+    """Triton's `timeout` parameter (microseconds); None lets X-Request-Timeout or the setting apply."""
     value = params.get("timeout")
     if value is None:
         return None
@@ -443,7 +439,7 @@ def _timeout_s(params: dict[str, Any]) -> float | None:
         # Bounded before the division: a float overflows on an integer such as 10**400, which JSON allows.
         raise InvalidInput(f"parameters.timeout must be a positive int64 number of microseconds, "
                            f"got {shown(value)}")
-    return value / 1e6  # run() caps it at the server's request_timeout_s
+    return value / 1e6  # common.call caps it at the server's request_timeout_s
 
 
 def _wanted_outputs(entry: ModelEntry, outputs: list[RequestOutput] | None, binary: bool) -> list[tuple[str, bool]]:
@@ -502,8 +498,8 @@ async def _infer(request: Request, model: str, version: str | None, body: Infere
     # Decoding a tensor walks every value in Python: off the event loop when the request is large.
     tensors = await off_loop(request, getattr(request, "payload_bytes", 0), _read_inputs, body.inputs,
                              getattr(request, "binary_tail", b""))
-    encoded = await _encode(request, entry, tensors, truncate)
-    rows = await run(request, entry, encoded, timeout_s)
+    inputs = _inputs(tensors, state(request).settings.max_inputs_per_request)
+    rows = (await entry.infer(inputs, InferOptions(truncate=truncate), call(request, timeout_s))).rows
     results = {"embedding": rows} if entry.manifest.task == "embedding" else \
         {"logits": rows, "probabilities": softmax(rows)}
     return _response(entry, body.id, results, wanted)

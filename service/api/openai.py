@@ -7,12 +7,13 @@ from typing import Literal, Union
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from service.api.common import encode_ids, encode_texts, model_entry, run, state
 from service import routes
+from service.api.common import call, model_entry, state
 from service.api.errors import ERROR_RESPONSES
 from service.api.responses import FastJSONResponse
-from service.errors import InvalidInput
 from service.embedding_types import EmbeddingType
+from service.errors import InvalidInput
+from service.inputs import InferOptions, Inputs
 from service.outputs import check_dimensions, check_embedding_type, encode_base64, quantize_rows, truncate_dimensions
 
 router = APIRouter(tags=["OpenAI"], responses=ERROR_RESPONSES)
@@ -75,32 +76,34 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+def _inputs(value: EmbeddingInput) -> Inputs:
+    """OpenAI's four input shapes: a text, texts, one token-id list, or token-id lists."""
+    if isinstance(value, str):
+        return Inputs.of_texts([value])
+    if value and all(isinstance(v, int) for v in value):
+        return Inputs.of_ids([value])
+    if value and all(isinstance(v, list) for v in value):
+        return Inputs.of_ids(value)
+    if all(isinstance(v, str) for v in value):
+        return Inputs.of_texts(value)
+    raise InvalidInput("input must be a string, a list of strings, a list of token ids or a list of lists of token ids")
+
+
 @router.post(routes.OPENAI_EMBEDDINGS, response_model=EmbeddingResponse)
 async def create_embeddings(body: EmbeddingRequest, request: Request):
     entry = model_entry(request, body.model)
-    if entry.manifest.task != "embedding":
-        raise InvalidInput(f"model {entry.name!r} is a {entry.manifest.task} model; use /predict")
+    entry.check_task("embedding")
     check_embedding_type(entry.manifest, body.embedding_type)  # before any inference is spent
     check_dimensions(entry.manifest, body.dimensions)
-    value = body.input
-    if isinstance(value, str):
-        encoded = await encode_texts(request, entry, [value], truncate=False)
-    elif value and all(isinstance(v, int) for v in value):
-        encoded = await encode_ids(request, entry, [value], truncate=False)
-    elif value and all(isinstance(v, list) for v in value):
-        encoded = await encode_ids(request, entry, value, truncate=False)
-    elif all(isinstance(v, str) for v in value):
-        encoded = await encode_texts(request, entry, value, truncate=False)
-    else:
-        raise InvalidInput("input must be a string, a list of strings, a list of token ids or a list of lists of token ids")
-    rows = await run(request, entry, encoded)
+    result = await entry.embed(_inputs(body.input), InferOptions(), call(request))
+    rows = result.rows
     if body.embedding_type == "float":
         rows = truncate_dimensions(rows, body.dimensions, renormalize=True)
     else:
         # The calibration ranges describe the model's own values: a renormalized prefix would fall outside them.
         rows = quantize_rows(truncate_dimensions(rows, body.dimensions, renormalize=False), body.embedding_type,
                              entry.manifest)
-    tokens = sum(len(e) for e in encoded)
+    tokens = result.tokens
     as_b64 = body.encoding_format == "base64"
     data = [{"object": "embedding", "index": i, "embedding": encode_base64(r) if as_b64 else r}
             for i, r in enumerate(rows)]

@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, Field, StrictBool
 
 from service.api.common import state
 from service.api.errors import ERROR_RESPONSES, ErrorBody
 from service.api.kserve import JsonRoute
 from service.errors import InvalidInput
+from service.strict import StrictModel
 
 router = APIRouter(tags=["Model repository"], route_class=JsonRoute, responses={
     **ERROR_RESPONSES,
@@ -26,12 +27,7 @@ router = APIRouter(tags=["Model repository"], route_class=JsonRoute, responses={
 })
 
 
-class _Strict(BaseModel):
-    # A misspelt field is an error, not silently ignored.
-    model_config = ConfigDict(extra="forbid")
-
-
-class RepositoryIndexRequest(_Strict):
+class RepositoryIndexRequest(StrictModel):
     ready: StrictBool | None = Field(False, description="true: only the versions ready for inference")
 
 
@@ -43,20 +39,20 @@ class RepositoryModel(BaseModel):
                                     "or not selected by the version policy; empty when READY")
 
 
-class RepositoryLoadRequest(_Strict):
+class RepositoryLoadRequest(StrictModel):
     parameters: dict[str, Any] | None = Field(
         None, description="Triton's config and file: overrides are not supported: a model loads as published")
 
 
-class UnloadParameters(_Strict):
+class UnloadParameters(StrictModel):
     unload_dependents: StrictBool = Field(False, description="accepted; no model here has dependents")
 
 
-class RepositoryUnloadRequest(_Strict):
+class RepositoryUnloadRequest(StrictModel):
     parameters: UnloadParameters | None = None
 
 
-class RepositoryActionResponse(_Strict):
+class RepositoryActionResponse(StrictModel):
     """Empty on success, as Triton answers."""
 
 

@@ -7,21 +7,21 @@ from typing import Literal, Union
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from service.api.responses import FastJSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from service.api.common import admit, check_texts, encode_texts, model_entry, off_loop, run, state
 from service import routes
+from service.api.common import call, model_entry, state
 from service.api.errors import ERROR_RESPONSES
-from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.embedding_types import EmbeddingType
+from service.errors import InvalidInput, ModelNotFound, NotReady
+from service.inputs import InferOptions, Inputs
+from service.strict import StrictModel
 from service.outputs import check_embedding_type, l2_normalize, quantize_rows, softmax, supported_embedding_types
 
 router = APIRouter(tags=["text-embeddings-inference"], responses=ERROR_RESPONSES)
 
 
-class _TeiRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _TeiRequest(StrictModel):
     model: str | None = Field(None, description="model name (our extension); the default model when omitted")
 
 
@@ -79,17 +79,18 @@ def _texts(inputs) -> list[str]:
     return [inputs] if isinstance(inputs, str) else list(inputs)
 
 
+def _options(body: EmbedRequest | PredictRequest) -> InferOptions:
+    return InferOptions(truncate=body.truncate, direction=body.truncation_direction.lower())
+
+
 @router.post(routes.TEI_EMBED, response_model=Union[list[list[float]], list[list[int]]])
 async def embed(body: EmbedRequest, request: Request):
     entry = model_entry(request, body.model)
-    if entry.manifest.task != "embedding":
-        raise InvalidInput(f"model {entry.name!r} is a {entry.manifest.task} model; use /predict")
+    entry.check_task("embedding")
     if body.prompt_name is not None:
         raise InvalidInput("prompt_name is not supported: this model has no prompts")
     check_embedding_type(entry.manifest, body.embedding_type)
-    encoded = await encode_texts(request, entry, _texts(body.inputs), body.truncate,
-                                 body.truncation_direction.lower(), "inputs")
-    rows = await run(request, entry, encoded)
+    rows = (await entry.embed(Inputs.of_texts(_texts(body.inputs), "inputs"), _options(body), call(request))).rows
     if body.embedding_type != "float":
         return FastJSONResponse(quantize_rows(rows, body.embedding_type, entry.manifest))
     # Models whose graph normalizes (sentence-transformers Normalize) return unit vectors either way.
@@ -101,14 +102,12 @@ async def embed(body: EmbedRequest, request: Request):
 @router.post(routes.TEI_PREDICT, response_model=Union[list[Score], list[list[Score]]])
 async def predict(body: PredictRequest, request: Request):
     entry = model_entry(request, body.model)
-    if entry.manifest.task != "classification":
-        raise InvalidInput(f"model {entry.name!r} is an {entry.manifest.task} model; use /embed")
+    entry.check_task("classification")
     single = isinstance(body.inputs, str)
     if not single and body.inputs and isinstance(body.inputs[0], list):
         raise InvalidInput("sentence pairs are not supported by this server's classifiers; send single texts")
-    encoded = await encode_texts(request, entry, _texts(body.inputs), body.truncate,
-                                 body.truncation_direction.lower(), "inputs")
-    logits = await run(request, entry, encoded)
+    logits = (await entry.classify(Inputs.of_texts(_texts(body.inputs), "inputs"), _options(body),
+                                   call(request))).rows
     scores = logits if body.raw_scores else softmax(logits)
     labels = entry.manifest.labels or [str(i) for i in range(scores.shape[1])]
     result = []
@@ -121,14 +120,8 @@ async def predict(body: PredictRequest, request: Request):
 @router.post(routes.TEI_TOKENIZE, response_model=Union[list[list[Token]], list[CompactTokens]])
 async def tokenize(body: TokenizeRequest, request: Request):
     entry = model_entry(request, body.model)
-    texts = _texts(body.inputs)
-    check_texts(request, texts, "inputs")
-    # Admitted like an inference request (the door reserved its room, or this checks it): tokenizing
-    # megabytes costs a core as inference does, and an overloaded model must shed it too.
-    admit(request, entry, len(texts))
-    answer = await off_loop(request, sum(len(t) for t in texts), entry.tokenizer.tokenize, texts,
-                            body.add_special_tokens, body.format == "compact",
-                            state(request).settings.max_tokens_per_request, "inputs")
+    answer = await entry.tokenize(_texts(body.inputs), body.add_special_tokens, body.format == "compact",
+                                  call(request))
     return Response(answer, media_type="application/json")
 
 

@@ -11,6 +11,25 @@ from service.manifest import Manifest, inside
 from service.settings import ServiceSettings
 
 
+def session_options(threads: int, spinning: bool = True):
+    """The ONNX Runtime session options of every session this project times or serves: the server's
+    backend, the build's evaluation and latency probe, and bench's in-process ceiling. One definition,
+    so that the build and the bench measure the arrangement the server runs.
+
+    ``threads`` intra-op threads and one inter-op thread (a BERT graph is a chain: parallel branches
+    would only compete for the same cores); every graph optimisation; ``spinning``: whether idle
+    intra-op threads busy-wait for the next op (faster back-to-back runs, a core burnt meanwhile).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return opts
+
+
 class OnnxBackend:
     def __init__(self, session, manifest: Manifest, provider: str):
         self._session = session
@@ -34,12 +53,8 @@ class OnnxBackend:
             )
         else:
             providers = ["CPUExecutionProvider"]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = settings.threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.ort_spinning else "0")
-        session = ort.InferenceSession(str(inside(path, manifest.model_file)), opts, providers=providers)
+        session = ort.InferenceSession(str(inside(path, manifest.model_file)),
+                                       session_options(settings.threads, settings.ort_spinning), providers=providers)
         return cls(session, manifest, session.get_providers()[0])
 
     def warmup(self) -> None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from service import errors
+from service.batching.admission import Admission, Ticket
 from service.batching.policy import BatchLimits, WorkItem, choose_batch
 
 logger = logging.getLogger(__name__)
@@ -29,25 +30,32 @@ EventHook = Callable[[str, dict], None]
 # After the grace period, how long stop() still waits for a batch already inside a backend; a hung
 # backend must not hang shutdown (the threads are daemons).
 _JOIN_AFTER_GRACE_S = 5.0
-# Weight of the newest batch in the running means of inference time per token and tokens per item.
-_EWMA_ALPHA = 0.2
 # The watchdog's automatic limit for one batch: this many times what recent batches say it should take,
 # and never less than the floor (a cold cache, a GC pause or a busy neighbour must not look like a hang).
 STALL_FACTOR = 20.0
 STALL_FLOOR_S = 5.0
 
 
+@dataclass(frozen=True, slots=True)
+class Batched:
+    """What ``submit`` returns: one result per item, in order, and where the request's time went."""
+
+    results: list[Any]
+    queue_s: float  # the longest wait of its items before their batch started
+    infer_s: float  # backend time of the batches that carried its items, summed
+
+
 class _Request:
     """One client request: its items, the future its caller awaits, and the results gathered so far."""
 
-    __slots__ = ("future", "items", "results", "remaining", "timing")
+    __slots__ = ("future", "items", "results", "remaining", "queue_s", "infer_s")
 
-    def __init__(self, future: asyncio.Future, size: int, timing: dict | None):
+    def __init__(self, future: asyncio.Future, size: int):
         self.future = future
         self.items: list[WorkItem] = []
         self.results: list[Any] = [None] * size
         self.remaining = size
-        self.timing = timing
+        self.queue_s = self.infer_s = 0.0
 
 
 class _Running:
@@ -57,20 +65,6 @@ class _Running:
 
     def __init__(self, started: float, tokens: int):
         self.started, self.tokens, self.stalled = started, tokens, False
-
-
-class Reservation:
-    """Room in a batcher's queue held for a request between the door and its ``submit``."""
-
-    __slots__ = ("batcher", "items", "active")
-
-    def __init__(self, batcher: "Batcher", items: int):
-        self.batcher, self.items, self.active = batcher, items, True
-
-    def release(self) -> None:
-        """Give the room back if ``submit`` has not taken it (idempotent)."""
-        if self.active:
-            self.batcher._release(self)
 
 
 class Batcher:
@@ -88,12 +82,9 @@ class Batcher:
     ``"stalled"`` {worker, running_s, limit_s} (a batch ran past its limit; ``check_stalls``) and
     ``"recovered"`` {worker, running_s} (that batch ended).
 
-    Admission: a request is refused (Overloaded) when its items would not fit in ``max_queue_items``, or
-    when the queue is ``max_queue_wait_s`` deep in time: the work already queued would take the workers
-    longer than that (estimated from the queued tokens and the recent inference time per token), or its
-    oldest item has already waited that long (``_saturated``). So a client that sends its next request
-    only after the answer to the last is never refused while all such clients' requests together are
-    under ``max_queue_wait_s`` of work and ``max_queue_items`` items.
+    Whether a request may queue is its ``admission``'s decision (service/batching/admission.py): a
+    ticket taken before the request's work began, which ``submit`` turns into queued items. The batcher
+    reports its queue and its batches' cost there.
     """
 
     def __init__(
@@ -111,15 +102,10 @@ class Batcher:
             raise ValueError("a batcher needs at least one infer fn")
         if solo_infer_fns is not None and len(solo_infer_fns) != len(infer_fns):
             raise ValueError(f"{len(solo_infer_fns)} solo infer fns for {len(infer_fns)} workers")
-        if max_queue_items < 1:
-            raise ValueError(f"max_queue_items must be >= 1, got {max_queue_items}")
         self.name = name
         self.limits = limits
-        self.max_queue_items = max_queue_items
-        # Admission by time, not only by count: refuse while the queued work alone would take longer
-        # than this to reach, so an overloaded model answers 429 at once instead of 503 after the
-        # request timeout, and the queue never holds more than the workers can clear in that time.
-        self.max_queue_wait_s = max_queue_wait_s or None
+        self.admission = Admission(name, max_queue_items, max_queue_wait_s, len(infer_fns),
+                                   limits.max_queue_delay_s, on_refused=self._refused)
         self._infer_fns = list(infer_fns)
         self._solo_infer_fns = list(solo_infer_fns) if solo_infer_fns else None
         self._on_event = on_event
@@ -130,13 +116,6 @@ class Batcher:
         self._queue: list[WorkItem] = []  # arrival order; guarded by _cond
         self._closing = False  # no new submits; workers exit once the queue is empty
         self._halted = False  # workers exit now, queue or not
-        # Recent inference seconds per real token (batch time / the batch's tokens). Per token, not per
-        # batch or per item: length bucketing and the token budget make batches of long texts far smaller
-        # than batches of tweets, and a queue of news costs several times a queue of as many tweets.
-        self._token_ewma_s: float | None = None
-        self._item_tokens_ewma: float | None = None  # recent tokens per item: what a reservation will bring
-        self._queued_tokens = 0  # sum of the queued items' lengths; guarded by _cond
-        self._reserved = 0  # items admitted at the door, not queued yet (reserve); guarded by _cond
         self._busy = 0  # workers inside inference; guarded by _cond
         # A batch running longer than this is stalled (the watchdog's check_stalls); None = automatic.
         self.stall_after_s = stall_after_s or None
@@ -198,6 +177,10 @@ class Batcher:
             await asyncio.sleep(0.005)
 
     @property
+    def max_queue_items(self) -> int:
+        return self.admission.max_queue_items
+
+    @property
     def queue_depth(self) -> int:
         """Items waiting in the queue (not counting batches already inside a backend)."""
         with self._cond:
@@ -206,52 +189,41 @@ class Batcher:
     # ----------------------------------------------------------------- event-loop side
 
     async def submit(self, payloads: Sequence[tuple[Any, int]], deadline: float | None = None,
-                     timing: dict | None = None, reservation: "Reservation | None" = None) -> list[Any]:
-        """Run the ``(payload, length)`` items of one request; return their results in the same order.
+                     ticket: Ticket | None = None) -> Batched:
+        """Run the ``(payload, length)`` items of one request; return their results in the same order,
+        with the time its items waited and spent in inference.
 
-        ``timing``, when given, is filled with ``queue_s`` (the longest wait of its items before their
-        batch started) and ``infer_s`` (backend time of the batches that carried its items, summed).
+        ``ticket``: the request's admission (``self.admission.admit``), taken before its work began;
+        its items are queued under it and it is spent. Without one the request is admitted here.
 
         ``deadline`` is in ``time.monotonic()`` seconds: an item not started by then fails the request
-        with DeadlineExceeded. Raises Overloaded (nothing enqueued) when the queue has no room,
+        with DeadlineExceeded. Raises Overloaded (nothing enqueued) when admission refuses it,
         PayloadTooLarge when the request alone exceeds the queue, NotReady when not started or stopping,
         InferenceFailed when a batch holding one of its items failed. Cancelling the caller drops its
-        still-queued items. A ``reservation`` from ``reserve`` (taken at the door) turns into these
-        queued items: it stops counting at the moment they start to.
+        still-queued items.
         """
         if not payloads:
-            return []
+            return Batched([], 0.0, 0.0)
         if self._loop is None:
             raise errors.NotReady(f"model {self.name!r} is not ready")
         loop = asyncio.get_running_loop()
-        request = _Request(loop.create_future(), len(payloads), timing)
-        if timing is not None:
-            timing.setdefault("queue_s", 0.0)
-            timing.setdefault("infer_s", 0.0)
+        request = _Request(loop.create_future(), len(payloads))
         now = time.monotonic()
         for index, (payload, length) in enumerate(payloads):
             if length < 1:
                 raise ValueError(f"item {index} has length {length}; every item has at least one token")
             request.items.append(WorkItem(length, now, deadline, request, index, payload))
 
-        if len(payloads) > self.max_queue_items:
-            raise errors.PayloadTooLarge(
-                f"request has {len(payloads)} inputs; at most {self.max_queue_items} fit in the queue"
-            )
-        retry_after_s = None
-        with self._cond:
-            if reservation is not None and reservation.batcher is self:
-                self._unreserve(reservation)
-            if self._closing:
-                raise errors.NotReady(f"model {self.name!r} is shutting down")
-            if self._saturated(len(payloads)):
-                retry_after_s = self._retry_after_s()
-            else:
+        ticket = self.admission.admit(len(payloads), ticket)
+        try:
+            with self._cond:
+                if self._closing:
+                    raise errors.NotReady(f"model {self.name!r} is shutting down")
                 self._queue.extend(request.items)
-                self._queued_tokens += sum(item.length for item in request.items)
+                self.admission.enqueue(ticket, request.items)
                 self._cond.notify()
-        if retry_after_s is not None:
-            self._reject_overloaded(len(payloads), retry_after_s)
+        finally:
+            ticket.release()  # spent once queued; given back if the queue was closing
 
         # The deadline fires on the event loop at its time, whatever the workers are doing: a worker
         # only looks at the queue between batches, and all of them may be inside long or hung ones.
@@ -269,73 +241,13 @@ class Batcher:
                 timer.cancel()
             self._pending.discard(request)
 
-    def admit(self, items: int) -> None:
-        """Raise Overloaded now if ``items`` more would be refused: lets a route turn a request away
-        before it spends time tokenizing it. ``submit`` checks again under the same rule."""
-        with self._cond:
-            retry_after_s = self._retry_after_s() if self._saturated(items) else None
-        if retry_after_s is not None:
-            self._reject_overloaded(items, retry_after_s)
-
-    def reserve(self, items: int) -> "Reservation":
-        """Admit a request at the door: raise Overloaded now if ``items`` more would be refused, else
-        count them as if queued until the request submits them (or gives up: ``release``).
-
-        The door admits a whole burst of requests before any of them has tokenized and submitted; without
-        reservations each saw the same short queue, and most of the burst was refused at ``submit``,
-        after the routes had validated and tokenized it for nothing."""
-        with self._cond:
-            if not self._saturated(items):
-                self._reserved += items
-                return Reservation(self, items)
-            retry_after_s = self._retry_after_s()
-        self._reject_overloaded(items, retry_after_s)
-
-    def _release(self, reservation: "Reservation") -> None:
-        with self._cond:
-            self._unreserve(reservation)
-
-    def _unreserve(self, reservation: "Reservation") -> None:
-        """Stop counting a reservation (once); lock held."""
-        if reservation.active:
-            reservation.active = False
-            self._reserved -= reservation.items
-
-    def _saturated(self, items: int) -> bool:
-        """No room for ``items`` more: the count limit, or the queue's wait limit; lock held. Items
-        reserved at the door count as queued."""
-        queued = len(self._queue) + self._reserved
-        if queued + items > self.max_queue_items:
-            return True
-        if not self.max_queue_wait_s or not queued:
-            return False
-        # Measured, then predicted: the oldest queued item (the queue keeps arrival order) has already
-        # waited too long, or the queued work would take too long. The measure catches what the
-        # prediction misses, e.g. the workers' share of the cores falling as refusals take the loop's.
-        if self._queue and time.monotonic() - self._queue[0].enqueued_at > self.max_queue_wait_s:
-            return True
-        return self._queue_wait_s() > self.max_queue_wait_s
-
-    def _reject_overloaded(self, items: int, retry_after_s: int):
+    def _refused(self, items: int) -> None:
         self._emit("rejected", {"reason": "overloaded", "items": items})
-        raise errors.Overloaded(f"model {self.name!r} is overloaded; retry later", retry_after_s)
-
-    def _queue_wait_s(self) -> float:
-        """Estimated time until the queue as it stands is taken by the workers; lock held. Reserved
-        requests are not tokenized yet: each of their items counts as a recent item's tokens."""
-        if self._token_ewma_s is None:
-            return 0.0
-        tokens = self._queued_tokens + self._reserved * (self._item_tokens_ewma or 0.0)
-        return tokens * self._token_ewma_s / len(self._infer_fns)
-
-    def _retry_after_s(self) -> int:
-        """Whole seconds until the current queue is likely worked off; called with the lock held."""
-        return max(1, math.ceil(self._queue_wait_s() + self.limits.max_queue_delay_s))
 
     def _set_queue(self, items: list[WorkItem]) -> None:
-        """Replace the queue, keeping its token count; lock held."""
+        """Replace the queue and tell admission; lock held."""
         self._queue = items
-        self._queued_tokens = sum(item.length for item in items)
+        self.admission.queue_changed(items)
 
     def _withdraw(self, request: _Request) -> bool:
         """Mark a request's items cancelled and take those still queued out; True if any were queued."""
@@ -365,15 +277,14 @@ class Batcher:
             request: _Request = item.request
             if request.future.done():  # failed or cancelled meanwhile
                 continue
-            if request.timing is not None:
-                request.timing["queue_s"] = max(request.timing["queue_s"], taken_at - item.enqueued_at)
-                if id(request) not in timed:
-                    timed.add(id(request))
-                    request.timing["infer_s"] += infer_s
+            request.queue_s = max(request.queue_s, taken_at - item.enqueued_at)
+            if id(request) not in timed:
+                timed.add(id(request))
+                request.infer_s += infer_s
             request.results[item.index] = result
             request.remaining -= 1
             if request.remaining == 0:
-                request.future.set_result(request.results)
+                request.future.set_result(Batched(request.results, request.queue_s, request.infer_s))
 
     def _fail_requests(self, items: list[WorkItem], make_error: Callable[[], Exception], reason: str) -> None:
         """Event loop: fail each distinct request owning one of ``items`` and withdraw its other items."""
@@ -431,7 +342,8 @@ class Batcher:
         """How long this batch may run before it counts as stalled; lock held."""
         if self.stall_after_s is not None:
             return self.stall_after_s
-        expected = running.tokens * self._token_ewma_s if self._token_ewma_s is not None else 0.0
+        per_token = self.admission.seconds_per_token
+        expected = running.tokens * per_token if per_token is not None else 0.0
         return max(STALL_FLOOR_S, STALL_FACTOR * expected)
 
     def _post(self, callback: Callable, *args: Any) -> None:
@@ -525,9 +437,7 @@ class Batcher:
             return
         infer_s = time.monotonic() - started
         tokens = sum(item.length for item in batch)
-        with self._cond:
-            self._token_ewma_s = _ewma(self._token_ewma_s, infer_s / tokens)
-            self._item_tokens_ewma = _ewma(self._item_tokens_ewma, tokens / len(batch))
+        self.admission.record_batch(tokens, len(batch), infer_s)
         self._post(self._deliver, batch, results, taken_at, infer_s)
         self._emit(
             "batch",
@@ -541,6 +451,3 @@ class Batcher:
             },
         )
 
-
-def _ewma(previous: float | None, value: float) -> float:
-    return value if previous is None else previous + _EWMA_ALPHA * (value - previous)

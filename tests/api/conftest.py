@@ -9,7 +9,8 @@ import pytest
 
 from service.backends.fake import FakeBackend
 from service.manifest import Manifest
-from service.registry import ModelEntry, Registry
+from service.model_entry import ModelEntry
+from service.registry import Registry
 from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer
 
@@ -62,8 +63,7 @@ def make_registry(tmp_path: Path, settings: ServiceSettings, backends: dict[str,
                                  ranges=name not in without_ranges)
         entry = ModelEntry(name=name, version=1, path=tmp_path, status="ready", manifest=manifest,
                            tokenizer=TextTokenizer(tok_dir, max_seq_len), backends=[backend] * instances)
-        entry.batcher = registry._make_batcher(entry)
-        registry.entries[(name, 1)] = entry
+        registry.add(entry)
     return registry
 
 

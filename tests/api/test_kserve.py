@@ -20,7 +20,8 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.backends.fake import FakeBackend
 from service.manifest import FileEntry, Lineage, Manifest, TensorSpec
-from service.registry import ModelEntry, Registry
+from service.model_entry import ModelEntry
+from service.registry import Registry
 from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer
 from tests.conftest import LiveServer
@@ -74,8 +75,7 @@ def make_registry(store: Path, tokenizer_dir: Path, broken_only: bool = False) -
         entry = ModelEntry(name=name, version=version, path=store / name / str(version), status="ready",
                            manifest=manifest, tokenizer=TextTokenizer(tokenizer_dir, MAX_SEQ_LEN),
                            backends=[backend])
-        entry.batcher = registry._make_batcher(entry)
-        registry.entries[(name, version)] = entry
+        registry.add(entry)
     registry.entries[("broken", 1)] = ModelEntry(name="broken", version=1, path=store / "broken" / "1",
                                                  status="failed", reason="test")
     return registry

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.backends.fake import FakeBackend
-from service.registry import ModelEntry
+from service.model_entry import ModelEntry
 from service.settings import ServiceSettings
 from tests.api.conftest import make_registry
 
@@ -157,7 +157,7 @@ def test_overload_refusals_are_logged_as_one_counted_line_per_second(tmp_path, c
     batcher = registry.entries[("minilm", 1)].batcher
     with caplog.at_level(logging.INFO, logger="bertserve.access"), \
             TestClient(create_app(settings, registry=registry)) as client:
-        monkeypatch.setattr(type(batcher), "_saturated", lambda self, items: True)
+        monkeypatch.setattr(batcher.admission, "saturated", lambda items: True)
         assert {client.post("/v1/embeddings", json={"input": "hi"}).status_code for _ in range(20)} == {429}
         client.post("/v1/embeddings", json={"input": "x", "model": "nope"})  # other errors: a line each
     lines = [r.fields for r in caplog.records if r.name == "bertserve.access"]

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from fastapi.testclient import TestClient
 
-from service.api import common
+from service import model_entry
 from service.app import create_app
 from service.backends.fake import FakeBackend
 from service.settings import ServiceSettings
@@ -142,8 +142,8 @@ def test_saturated_model_is_refused_at_the_door_before_any_route_work(tmp_path, 
     batcher = registry.entries[("minilm", 1)].batcher
     with TestClient(create_app(settings, registry=registry)) as client:
         reached_route = []
-        monkeypatch.setattr(common, "check_texts", lambda *a, **k: reached_route.append(a))
-        monkeypatch.setattr(type(batcher), "_saturated", lambda self, items: True)
+        monkeypatch.setattr(model_entry, "check", lambda *a, **k: reached_route.append(a))
+        monkeypatch.setattr(batcher.admission, "saturated", lambda items: True)
         for path, body in [("/v1/embeddings", {"input": "hello"}), ("/embed", {"inputs": "hello"}),
                            ("/tokenize", {"inputs": ["hello"] * 3}),
                            ("/v2/models/minilm/infer", {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
@@ -167,10 +167,10 @@ def test_saturated_model_is_refused_at_the_door_before_any_route_work(tmp_path, 
         monkeypatch.undo()
         assert client.post("/v1/embeddings", json={"input": "hello"}).status_code == 200
         # Admitted at the door, then answered by the route (served, or refused as bad input): every
-        # request's reserved room is given back.
+        # request's ticket is given back.
         assert client.post("/v1/embeddings", json={"input": ["a", ""]}).status_code == 422
         assert client.post("/embed", json={"inputs": ["a", "b"]}).status_code == 200
-        assert batcher._reserved == 0
+        assert batcher.admission.held == 0
 
 
 def test_closed_loop_clients_within_what_the_queue_holds_are_never_refused(tmp_path):

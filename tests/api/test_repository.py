@@ -376,7 +376,7 @@ def test_a_request_that_resolved_a_version_is_answered_while_it_drains(store):
             registry.get("m")  # a new request no longer finds it
         assert not retiring.done() and entry.status == "unloading"
         encoded = entry.tokenizer.encode_texts([TEXT], False)
-        rows = await entry.batcher.submit([(e, len(e)) for e in encoded])  # the held one still runs
+        rows = (await entry.batcher.submit([(e, len(e)) for e in encoded])).results  # the held one still runs
         np.testing.assert_allclose(rows[0], answer_of(1), rtol=1e-6)
         entry.release()
         await asyncio.wait_for(retiring, 5)
