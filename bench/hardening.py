@@ -130,8 +130,7 @@ def deadline() -> dict:
     from service.app import create_app
     from service.backends.fake import FakeBackend
     from service.settings import ServiceSettings
-    from tests.api.conftest import make_registry
-    from tests.conftest import LiveServer
+    from tests.helpers import LiveServer, make_registry
 
     hold = threading.Event()
     backend = FakeBackend(dim=8, hold=hold)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 
+from service import routes
+
 log = logging.getLogger("bertserve.tracing")
 
 
@@ -43,8 +45,7 @@ def setup_tracing(app, exporter=None) -> bool:
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(processor)
     # Probes and scrapes would drown the traces that matter.
-    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider,
-                                       excluded_urls="/metrics,/health,/v2/health/live,/v2/health/ready")
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, excluded_urls=",".join(sorted(routes.PROBES)))
     app.state.tracer_provider = provider
     log.info("tracing on: spans go to %s", "the given exporter" if exporter is not None else "OTLP")
     return True

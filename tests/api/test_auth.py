@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import ServiceSettings
-from tests.api.conftest import make_registry
+from tests.helpers import make_registry
 
 
 def keyed_client(tmp_path, **overrides) -> TestClient:

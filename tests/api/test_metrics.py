@@ -7,28 +7,12 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.backends.fake import FakeBackend
 from service.model_entry import ModelEntry
 from service.settings import ServiceSettings
-from tests.api.conftest import make_registry
-
-
-def scrape(client) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of one scrape."""
-    r = client.get("/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    out = {}
-    for family in text_string_to_metric_families(r.text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def value(samples, name, **labels) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
+from tests.helpers import make_registry, scrape, value
 
 
 def test_every_series_exists_before_the_first_request(client):

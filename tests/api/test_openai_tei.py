@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 import base64
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from tests.api.conftest import LABELS
-
-
-def expected_row(client, text: str, model: str = "minilm", truncate: bool = False, direction: str = "right"):
-    entry = client.registry.get(model)
-    enc = entry.tokenizer.encode_texts([text], truncate, direction)[0]
-    return entry.backends[0].row(enc.ids), len(enc)
-
-
-def assert_error(response, status: int, type_: str, *needles: str) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and body["error"]["type"] == type_, body
-    assert response.headers.get("x-request-id") == body["error"]["request_id"]
-    for needle in needles:
-        assert needle in body["error"]["message"], (needle, body)
-    return body
+from tests.helpers import LABELS, LiveServer, assert_error, expected_row, make_registry, raw_post
 
 
 # ------------------------------------------------------------------ OpenAI
@@ -70,11 +53,6 @@ def test_base64_and_dimensions(client):
     assert len(cut) == 4
     np.testing.assert_allclose(cut, np.array(plain[:4]) / np.linalg.norm(plain[:4]), atol=1e-6)
     assert_error(client.post("/v1/embeddings", json={"input": "x", "dimensions": 9}), 422, "invalid_input", "dimensions")
-
-
-def raw_post(client, path: str, body: dict):
-    """The body as json.dumps writes it: lone surrogates as \\ud800 escapes, big integers in full."""
-    return client.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
 
 
 @pytest.mark.parametrize("dimensions", [9, 10 ** 400], ids=["past the model's 8", "10**400"])
@@ -154,8 +132,6 @@ def test_a_non_ascii_request_id_is_echoed_as_sent(tmp_path, settings):
     import http.client
 
     from service.app import create_app
-    from tests.api.conftest import make_registry
-    from tests.conftest import LiveServer
 
     with LiveServer(create_app(settings, registry=make_registry(tmp_path, settings))) as live:
         for body, status in ((b'{"input": "hi"}', 200), (b'{"input": " "}', 422)):

@@ -14,8 +14,7 @@ from service import model_entry
 from service.app import create_app
 from service.backends.fake import FakeBackend
 from service.settings import ServiceSettings
-from tests.api.conftest import make_registry
-from tests.conftest import LiveServer
+from tests.helpers import LiveServer, make_registry
 
 
 def token_id(registry, word: str) -> int:

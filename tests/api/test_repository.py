@@ -24,9 +24,7 @@ from service.manifest import hash_tree
 from service.registry import Registry
 from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer
-from tests.api.conftest import fake_manifest, tokenizer_dir
-from tests.api.test_metrics import scrape, value
-from tests.conftest import ClientLoad, LiveServer
+from tests.helpers import ClientLoad, LiveServer, fake_manifest, scrape, tokenizer_dir, value
 
 ADMIN_KEY = "admin-key"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}

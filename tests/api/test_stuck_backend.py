@@ -14,8 +14,7 @@ import pytest
 from service.app import create_app
 from service.backends.fake import FakeBackend
 from service.settings import ServiceSettings
-from tests.api.conftest import make_registry
-from tests.conftest import LiveServer
+from tests.helpers import LiveServer, make_registry
 
 READINESS = ("/health", "/v2/health/ready", "/v2/models/minilm/ready", "/v2/models/minilm/versions/1/ready")
 

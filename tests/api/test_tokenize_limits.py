@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.backends.fake import FakeBackend
 from service.settings import ServiceSettings
-from tests.api.conftest import make_registry
+from tests.helpers import make_registry
 
 NEWS = ("Oil prices rose sharply on Monday after the cartel agreed to cut output, traders said, while wheat "
         "exports fell for a third week. ")

@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.api.conftest import make_registry
+from tests.helpers import make_registry
 
 pytest.importorskip("opentelemetry.instrumentation.fastapi", reason="tracing extra not installed")
 

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port
 from tests.deploy.dockerfile import parse_stages
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"

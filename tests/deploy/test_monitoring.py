@@ -22,8 +22,7 @@ import yaml
 from service.app import create_app
 from service.backends.fake import FakeBackend
 from service.settings import ServiceSettings
-from tests.api.conftest import make_registry
-from tests.conftest import LiveServer, free_port, wait_http_ok
+from tests.helpers import LiveServer, free_port, make_registry, wait_http_ok
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"

@@ -14,7 +14,7 @@ from build_models.recipe import DistillConfig
 from build_models.steps import distill
 from build_models.training import loop
 from service.manifest import load_verified
-from tests.conftest import build_tiny_store
+from tests.helpers import build_tiny_store
 
 HELD_OUT = ["Oil prices rose sharply on Monday after the cartel agreed to cut output.",
             "Wheat exports fell for a third month as shipping costs climbed.", "Shares of the bank jumped.",

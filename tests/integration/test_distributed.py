@@ -18,7 +18,7 @@ from build_models.errors import BuildError
 from build_models.training.distributed import World
 from build_models.training.strategy import resolve_strategy
 from service.manifest import load_verified
-from tests.conftest import tiny_recipe
+from tests.helpers import tiny_recipe
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 DISTILL = {"num_layers": 1, "samples": 96, "batch_size": 8, "max_seq_len": 32, "learning_rate": 5e-4,

@@ -10,7 +10,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from build_models.pipeline import build
 from service.manifest import load_verified
-from tests.integration.test_pipeline_tiny import run_variant
+from tests.integration.helpers import run_variant
 
 
 def _distilbert(path: Path) -> None:

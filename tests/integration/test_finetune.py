@@ -11,7 +11,7 @@ from build_models.errors import BuildError, RecipeError
 from build_models.pipeline import build
 from build_models.recipe import parse_recipe
 from service.manifest import load_verified
-from tests.conftest import R8_LABELS
+from tests.helpers import R8_LABELS
 
 FINETUNE = {"samples": 960, "epochs": 3, "batch_size": 16, "max_seq_len": 48, "learning_rate": 5e-3,
             "warmup_ratio": 0.0, "progress": False}

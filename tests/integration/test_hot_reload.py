@@ -19,7 +19,7 @@ import pytest
 
 from service.app import create_app
 from service.settings import ServiceSettings
-from tests.conftest import ClientLoad, LiveServer, build_tiny_store
+from tests.helpers import ClientLoad, LiveServer, build_tiny_store
 
 ADMIN_KEY = "reload-admin-key"
 TEXTS = [f"text number {i} about oil prices, wheat exports and quarterly profits" for i in range(8)]

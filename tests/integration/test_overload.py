@@ -19,7 +19,7 @@ from bench.pressure import RssSampler, capacity, offered_load, rss_trend, run_cl
 from bench.rawhttp import Connection
 from build_models.corpora import load_split
 from service.manifest import load_verified
-from tests.conftest import build_tiny_store, start_bertserve
+from tests.helpers import build_tiny_store, start_bertserve
 
 OVERLOAD_FACTOR = 10
 OVERLOAD_S = 30

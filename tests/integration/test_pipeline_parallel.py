@@ -30,7 +30,7 @@ from build_models.training.loop import global_rows
 from build_models.training.pipeline_parallel import EncoderStage, split_layers
 from build_models.training.strategy import resolve_strategy
 from service.manifest import load_verified
-from tests.conftest import _tiny_config, tiny_recipe
+from tests.helpers import tiny_config, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -50,7 +50,7 @@ def four_layer_source(tiny_embedding_dir, tmp_path_factory) -> Path:
     no dropout (random masks would differ between one process and a pipeline)."""
     path = tmp_path_factory.mktemp("four-layers") / "model"
     shutil.copytree(tiny_embedding_dir, path)
-    config = _tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.3)
+    config = tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.3)
     config.num_hidden_layers = 4
     torch.manual_seed(3)
     BertModel(config, add_pooling_layer=False).save_pretrained(path)

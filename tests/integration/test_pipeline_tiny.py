@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import yaml
@@ -12,6 +11,8 @@ from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
 
 from build_models.pipeline import build
 from service.manifest import load_verified
+from tests.helpers import R8_LABELS
+from tests.integration.helpers import run_variant
 
 FAST_EVAL = {"probe_train_samples": 40, "probe_test_samples": 40, "latency_repeats": 1, "threads": 2}
 
@@ -59,17 +60,6 @@ def reference_embeddings(model_dir: Path, texts: list[str]) -> tuple[dict, np.nd
     pooled = (hidden * mask).sum(1) / mask.sum(1)
     pooled = torch.nn.functional.normalize(pooled, dim=-1)
     return {k: v.numpy() for k, v in enc.items()}, pooled.numpy()
-
-
-def run_variant(variant_dir: Path, feeds: dict) -> np.ndarray:
-    manifest = load_verified(variant_dir)
-    names = [i.name for i in manifest.inputs]
-    if manifest.format == "onnx":
-        session = ort.InferenceSession(str(variant_dir / manifest.model_file), providers=["CPUExecutionProvider"])
-        return session.run(None, {n: feeds[n] for n in names})[0]
-    module = torch.jit.load(str(variant_dir / manifest.model_file))
-    with torch.no_grad():
-        return module(*(torch.from_numpy(feeds[n]) for n in names)).numpy()
 
 
 @pytest.mark.parametrize("name", [v["name"] for v in EMBEDDING_VARIANTS])
@@ -152,8 +142,6 @@ def test_torchscript_handles_max_seq_len_and_batch_sizes(embedding_store, tiny_e
 
 
 def test_classification_variants(tmp_path, tiny_classifier_dir, mixed_batch):
-    from tests.conftest import R8_LABELS
-
     variants = [
         {"name": "c-int8", "steps": [{"export_onnx": {}}, {"optimize": {}}, {"quantize": {}}]},
         {"name": "c-ts", "steps": ["export_torchscript"]},

@@ -16,7 +16,7 @@ from build_models.modeling import load_reference
 from build_models.recipe import PruneConfig
 from build_models.steps import prune
 from service.manifest import load_verified
-from tests.conftest import build_tiny_store
+from tests.helpers import build_tiny_store
 
 TEXTS = ["Oil prices rose sharply on Monday after the cartel agreed to cut output.", "ok",
          "Wheat exports fell for a third month as shipping costs climbed.", "Shares of the bank jumped."]

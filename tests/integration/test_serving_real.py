@@ -14,7 +14,7 @@ from service.backends.base import load_backend
 from service.manifest import load_verified
 from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer, pad_batch
-from tests.conftest import LiveServer, build_tiny_store
+from tests.helpers import LiveServer, build_tiny_store
 
 TEXTS = [
     "Oil prices rose sharply on Monday.",

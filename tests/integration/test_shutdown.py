@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from tests.conftest import start_bertserve
+from tests.helpers import start_bertserve
 
 
 def test_sigterm_under_load_loses_no_accepted_request(tiny_store, tmp_path):

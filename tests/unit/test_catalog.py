@@ -2,7 +2,7 @@
 
 from build_models.catalog import embedding_types_markdown, pareto_front
 from service.manifest import EmbeddingTypesQuality
-from tests.unit.test_manifest import make_variant
+from tests.helpers import make_variant
 
 
 def test_pareto_front_keeps_only_undominated_trade_offs():

@@ -8,7 +8,7 @@ import pytest
 
 from service.embedding_types import packed_width, quantize, to_binary, to_int8, to_ubinary, to_uint8
 from service.manifest import ManifestError, load_manifest
-from tests.unit.test_manifest import make_variant
+from tests.helpers import make_variant
 
 RNG = np.random.default_rng(7)
 

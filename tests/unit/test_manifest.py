@@ -6,28 +6,7 @@ from pathlib import Path
 import pytest
 
 from service.manifest import Manifest, ManifestError, hash_tree, load_manifest, load_verified, verify_files
-
-
-def make_variant(root: Path) -> Manifest:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "model.onnx").write_bytes(b"\x08\x07onnx-bytes" * 100)
-    (root / "tokenizer").mkdir(exist_ok=True)
-    (root / "tokenizer" / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
-    manifest = Manifest(
-        name="tiny", version=3, task="embedding", format="onnx", precision="int8",
-        providers=["CPUExecutionProvider"], model_file="model.onnx",
-        inputs=[{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}],
-        outputs=[{"name": "sentence_embedding", "dtype": "float32", "shape": ["batch", 8]}],
-        max_seq_len=128, embedding_dim=8, pooling="mean", normalize=True,
-        files=hash_tree(root),
-        lineage={"source": {"path": "/x"}, "steps": [{"name": "quantize", "params": {"per_channel": True}}]},
-        quality={"dataset": "reuters-r8", "metric": "acc", "value": 0.9, "reference_value": 0.91,
-                 "retention": 0.989, "extra": {"mean_cosine": 0.995}},
-        fused_nodes={"Attention": 2, "SkipLayerNormalization": 4},
-        created_at="2026-11-25T00:00:00+00:00",
-    )
-    (root / "manifest.json").write_text(manifest.to_json())
-    return manifest
+from tests.helpers import make_variant
 
 
 def test_round_trip(tmp_path):

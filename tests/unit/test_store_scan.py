@@ -17,7 +17,7 @@ from service.manifest import store_versions, version_numbers
 from service.registry import Registry
 from service.reloader import Reloader, scan_store
 from service.settings import ServiceSettings
-from tests.api.conftest import fake_manifest, tokenizer_dir
+from tests.helpers import fake_manifest, tokenizer_dir
 
 # What an untidy store holds beside the one real version, m/1, each as the scan names it.
 STRAYS = {
