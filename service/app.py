@@ -17,7 +17,7 @@ from service import watchdog
 from service.api import kserve, openai, ops, repository, tei
 from service.api.errors import install_error_handlers
 from service.auth import AccessControl
-from service.context import RequestScope
+from service import context
 from service.metrics import ServiceMetrics
 from service.observability import RefusalLog, RequestObserver
 from service.registry import Registry
@@ -37,7 +37,9 @@ def _version() -> str:
 
 
 class RequestGuard:
-    """Pure ASGI middleware: the body byte limit, checked on the declared length and on what is read.
+    """Pure ASGI middleware: the body byte limit, checked on the declared length and on what is read;
+    and, when the request is over, what it held given back (``RequestContext.finish``), even when a
+    handler raised.
 
     (FastAPI's @app.middleware("http") wraps every request in extra tasks and streams; on a
     2-core machine that cost was visible next to a 3 ms inference.)
@@ -74,6 +76,8 @@ class RequestGuard:
         except _TooLarge:
             if not started:
                 await self._refuse(scope, receive, send)
+        finally:
+            context.of(scope).finish()
 
     async def _refuse(self, scope, receive, send) -> None:
         from service.api.errors import error_response
@@ -149,13 +153,12 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
     app.include_router(tei.router)
     app.include_router(kserve.router)
     app.include_router(repository.router)
-    # Outermost last. In a request's order: its context and id, its observation (so the guard's own
-    # answers are counted too), the body limit, the keys, then the door (after authentication: an
-    # unauthorized client hears 401, not 429).
+    # Outermost last. In a request's order: its observation (which makes its context; outermost, so the
+    # guard's own answers are counted too), the body limit, the keys, then the door (after
+    # authentication: an unauthorized client hears 401, not 429).
     app.add_middleware(LoadShedder)
     app.add_middleware(AccessControl, settings=settings)
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestObserver, metrics=app.state.metrics, refusals=app.state.refusals)
-    app.add_middleware(RequestScope)
     app.state.tracing = setup_tracing(app, tracing_exporter)
     return app

@@ -1,10 +1,11 @@
 """What the server knows about one request while answering it: one typed context per request.
 
-Created and attached here, once, by the outermost layer (``RequestScope``); every other module reads and
-writes its fields through ``of(scope)``, never a key of the ASGI scope's state dict. ``RequestScope``
-also gives the request id back on the answer, and when the request is over gives back what the request
-held: its leases on model versions (an unloading version waits for them, ``Registry.drain``) and its
-admission ticket if no queue took it.
+Created and attached here, once, by ``of(scope)``, which the outermost layer calls first; every module
+reads and writes its fields through ``of(scope)``, never a key of the ASGI scope's state dict. When the
+request is over, ``finish`` gives back what it held: its leases on model versions (an unloading version
+waits for them, ``Registry.drain``) and its admission ticket if no queue took it (service/app.py's
+RequestGuard calls it). The request id goes back on the answer with the other response headers
+(service/observability.py).
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
 if TYPE_CHECKING:
     from service.batching.admission import Ticket
     from service.model_entry import ModelEntry
 
 REQUEST_ID_HEADER = "x-request-id"
-_HEADER_BYTES = REQUEST_ID_HEADER.encode()
+REQUEST_ID_HEADER_BYTES = REQUEST_ID_HEADER.encode()
 _KEY = "bertserve.context"  # its one key in the scope's state
 
 
@@ -59,7 +60,7 @@ class RequestContext:
 
 
 def of(scope: Scope) -> RequestContext:
-    """The request's context (made here if no ``RequestScope`` made it, e.g. a test's bare app)."""
+    """The request's context, made on the first call."""
     state = scope.setdefault("state", {})
     context = state.get(_KEY)
     if context is None:
@@ -70,32 +71,6 @@ def of(scope: Scope) -> RequestContext:
 def _request_id(scope: Scope) -> str:
     """The client's X-Request-Id (up to 128 characters), or a fresh one."""
     for name, value in scope.get("headers") or ():
-        if name == _HEADER_BYTES:
+        if name == REQUEST_ID_HEADER_BYTES:
             return value.decode("latin-1")[:128] or uuid.uuid4().hex
     return uuid.uuid4().hex
-
-
-class RequestScope:
-    """Pure ASGI middleware, outermost: the context of every HTTP request, its id on the answer, and
-    what it held given back when it is over, even when a handler raised."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        context = of(scope)
-        rid = context.request_id.encode("latin-1")  # as it was decoded: the client's id goes back byte for byte
-
-        async def tagged_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                headers = message.get("headers", [])
-                if not any(k.lower() == _HEADER_BYTES for k, _ in headers):
-                    message["headers"] = [*headers, (_HEADER_BYTES, rid)]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tagged_send)
-        finally:
-            context.finish()

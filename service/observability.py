@@ -1,9 +1,9 @@
-"""Per-request observation: Prometheus request metrics, timing headers and one JSON access-log line.
+"""Per-request observation: Prometheus request metrics, the request id and timing headers, and one JSON access-log line.
 
-A pure ASGI middleware outside every other but the request's scope, so that it also sees the answers
-RequestGuard gives on its own (413 for an oversized body). It reads what the request's layers learnt
-from its context (service/context.py): the model it resolved to, the error it was answered with, and
-its timings.
+A pure ASGI middleware, outermost, so that it also sees the answers RequestGuard gives on its own (413
+for an oversized body). Its first call makes the request's context (service/context.py); at the end it
+reads what the inner layers wrote there: the model the request resolved to, the error it was answered
+with, and its timings.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import context, routes
+from service.context import REQUEST_ID_HEADER_BYTES
 from service.metrics import ServiceMetrics
 
 access_log = logging.getLogger("bertserve.access")
@@ -59,11 +60,15 @@ class RequestObserver:
             nonlocal status, answered, gone_first
             if message["type"] == "http.response.start":
                 status, answered, gone_first = message["status"], True, disconnected
+                headers = message.get("headers", [])
                 timing = ctx.timing
                 extra = [(name, f"{seconds * 1000:.2f}".encode()) for key, name in _TIMING_HEADERS
                          if (seconds := getattr(timing, key)) is not None]
                 extra.append((b"x-total-time", f"{(time.perf_counter() - started) * 1000:.2f}".encode()))
-                message["headers"] = [*message.get("headers", []), *extra]
+                if not any(k.lower() == REQUEST_ID_HEADER_BYTES for k, _ in headers):
+                    # latin-1, as it was decoded: the client's id goes back byte for byte.
+                    extra.append((REQUEST_ID_HEADER_BYTES, ctx.request_id.encode("latin-1")))
+                message["headers"] = [*headers, *extra]
             await send(message)
 
         try:

@@ -62,7 +62,7 @@ class LoadShedder:
         entry, items = self._entry(registry, body, kserve)
         if entry is not None and entry.batcher is not None:
             try:
-                # Given back when the request is over if no queue took it (context.RequestScope).
+                # Given back when the request is over if no queue took it (RequestContext.finish).
                 context.of(scope).ticket = entry.batcher.admission.admit(items)
             except PayloadTooLarge:
                 pass  # more than the queue holds: the route answers 413 with the limit that applies

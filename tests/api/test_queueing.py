@@ -194,3 +194,21 @@ def test_closed_loop_clients_within_what_the_queue_holds_are_never_refused(tmp_p
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(client, range(8)))
     assert statuses == [200] * 24, statuses
+
+
+def test_a_request_larger_than_the_whole_queue_is_413_on_every_route_not_a_429_to_retry(tmp_path):
+    # max_inputs_per_request above max_queue_items: no retry could ever fit such a request, so it must
+    # not be told to retry later; the door lets it through and the model entry's admission answers.
+    settings = ServiceSettings(model_store=tmp_path, max_queue_items=4, max_inputs_per_request=16)
+    backend = FakeBackend(dim=8)
+    registry = make_registry(tmp_path, settings, {"minilm": backend})
+    texts = [f"text {i}" for i in range(6)]
+    with TestClient(create_app(settings, registry=registry)) as client:
+        for path, body in [("/v1/embeddings", {"input": texts}), ("/embed", {"inputs": texts}),
+                           ("/v2/models/minilm/infer", {"inputs": [{"name": "text", "shape": [6], "datatype": "BYTES",
+                                                                   "data": texts}]})]:
+            r = client.post(path, json=body)
+            assert r.status_code == 413, (path, r.text)
+            assert r.json()["error"]["type"] == "payload_too_large" and "4 fit in the queue" in r.text
+        assert backend.seen_ids == [] and registry.get("minilm").batcher.admission.held == 0
+        assert client.post("/embed", json={"inputs": texts[:4]}).status_code == 200
