@@ -45,9 +45,12 @@ def request_timeout(request: Request) -> float:
     return min(asked, limit)
 
 
-def call(request: Request, timeout_s: float | None = None) -> Call:
+def call(request: Request, timeout_s: float | None = None, timed: bool = True) -> Call:
     """This request as a model entry sees it. ``timeout_s`` is a per-request timeout from the body
-    (KServe parameters), capped by the setting; otherwise X-Request-Timeout or the setting applies."""
+    (KServe parameters), capped by the setting; otherwise X-Request-Timeout or the setting applies.
+    ``timed=False``: no deadline (nothing is queued, e.g. /tokenize), and the header is not read."""
+    if not timed:
+        return Call(context.of(request.scope))
     wait = request_timeout(request) if timeout_s is None else min(timeout_s, state(request).settings.request_timeout_s)
 
     async def disconnected() -> None:

@@ -121,7 +121,7 @@ async def predict(body: PredictRequest, request: Request):
 async def tokenize(body: TokenizeRequest, request: Request):
     entry = model_entry(request, body.model)
     answer = await entry.tokenize(_texts(body.inputs), body.add_special_tokens, body.format == "compact",
-                                  call(request))
+                                  call(request, timed=False))
     return Response(answer, media_type="application/json")
 
 
