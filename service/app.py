@@ -13,11 +13,10 @@ from service.api.responses import FastJSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service import watchdog
+from service import context, watchdog
 from service.api import kserve, openai, ops, repository, tei
 from service.api.errors import install_error_handlers
 from service.auth import AccessControl
-from service import context
 from service.metrics import ServiceMetrics
 from service.observability import RefusalLog, RequestObserver
 from service.registry import Registry

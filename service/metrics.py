@@ -107,8 +107,9 @@ class ServiceMetrics:
 
     def on_event(self, kind: str, data: dict) -> None:
         """The registry's events: batches and failed batches (see Batcher), requests tokenized (see
-        ModelEntry), and loaded versions, whose model gets its series at once if it is new. Rejections are counted per request by the HTTP layer
-        (``observe_request``), which also sees those that never reach a queue."""
+        ModelEntry), and loaded versions, whose model gets its series at once if it is new. Rejections
+        are counted per request by the HTTP layer (``observe_request``), which also sees those that
+        never reach a queue."""
         model = data.get("model", NO_MODEL)
         if kind == "loaded":
             self.init_model(model)

@@ -124,9 +124,8 @@ class ModelEntry:
 
     async def infer(self, inputs: Inputs, options: InferOptions, call: Call) -> Inferred:
         """The model's output rows whatever its task (KServe answers both)."""
-        encoded = await self._encode(inputs, options, call)
-        rows = await self._submit(encoded, call)
-        return Inferred(rows, sum(len(e) for e in encoded))
+        encoded, tokens = await self._encode(inputs, options, call)
+        return Inferred(await self._submit(encoded, call), tokens)
 
     async def tokenize(self, texts: list[str], add_special_tokens: bool, compact: bool, call: Call,
                        field: str = "inputs") -> bytes:
@@ -158,7 +157,8 @@ class ModelEntry:
             held.release()  # the door's ticket was for another model's queue
         call.context.ticket = ticket
 
-    async def _encode(self, inputs: Inputs, options: InferOptions, call: Call) -> list[Encoded]:
+    async def _encode(self, inputs: Inputs, options: InferOptions, call: Call) -> tuple[list[Encoded], int]:
+        """The inputs tokenized, and their tokens in all."""
         settings = self.runtime.settings
         check(inputs, settings)
         self._admit(len(inputs), call)
@@ -175,7 +175,7 @@ class ModelEntry:
         timing = call.context.timing
         timing.tokenization_s = (timing.tokenization_s or 0.0) + seconds
         self.runtime.emit("tokenized", {"model": self.name, "seconds": seconds, "tokens": tokens})
-        return encoded
+        return encoded, tokens
 
     async def _submit(self, encoded: list[Encoded], call: Call) -> np.ndarray:
         """Rows of the model output for each encoded input, in order; batched with other requests.

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -20,6 +21,9 @@ from service.model_entry import ModelEntry
 from service.registry import Registry
 from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
 
 R8_LABELS = ["acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"]
 LABELS = ["negative", "neutral", "positive"]  # the fake classifier's

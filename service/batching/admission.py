@@ -88,9 +88,9 @@ class Admission:
         if items > self.max_queue_items:
             raise errors.PayloadTooLarge(
                 f"request has {items} inputs; at most {self.max_queue_items} fit in the queue")
-        if ticket is not None and ticket.admission is self and ticket.held and ticket.items >= items:
-            return ticket
         own = ticket if ticket is not None and ticket.admission is self and ticket.held else None
+        if own is not None and own.items >= items:
+            return own
         more = items - (own.items if own is not None else 0)
         with self._lock:
             if not self.saturated(more):
