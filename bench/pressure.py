@@ -8,7 +8,7 @@
 - ``RssSampler``: the server's resident memory over time, from /proc.
 
 Used by tests/integration/test_overload.py (30 s at 10x) and by ``python -m bench.pressure soak``
-(10 minutes at moderate load, README). Timings here are reported, never asserted.
+(10 minutes at moderate load, docs/measurements.md). Timings here are reported, never asserted.
 """
 
 from __future__ import annotations

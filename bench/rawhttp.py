@@ -1,7 +1,8 @@
 """A minimal keep-alive HTTP/1.1 client for the load generator: one connection per closed-loop worker.
 
-Why not httpx: on these 2-core machines its async client spent about 4 ms of CPU per request, so at
-100+ requests/s the load generator took a quarter of the machine away from the server it measures. This
+Why not httpx: on these 2-core machines its async client spent so much CPU per request that at 100+
+requests/s the load generator took a large share of the machine away from the server it measures
+(docs/measurements.md). This
 client sends pre-built request bytes and reads `Content-Length` or chunked bodies; that is all a
 benchmark against our own servers needs (no TLS, no redirects, no proxies).
 """

@@ -3,12 +3,12 @@
     .venv/bin/python -m bench.refusal_cost --store model_store --model minilm
 
 Under ten times its capacity a 2-core server spends much of its CPU answering 429s, and every
-microsecond of that is taken from the model (README, "Overload and soak"). This loads the store as the
-server does, marks the model's queue as full, and sends ``--requests`` embedding requests through the
-app (middlewares, door, error answer, metrics, access log to /dev/null): process CPU time per request.
-It measures the part of a refusal that is this project's code; uvicorn's HTTP parsing and the socket
-I/O come on top. Then the event loop's own CPU (its thread's, inference excluded) per refusal and per
-accepted request, the model idle. Run it from another checkout's code with
+microsecond of that is taken from the model (docs/measurements.md, "Overload and soak"). This loads the
+store as the server does, marks the model's queue as full, and sends ``--requests`` embedding requests
+through the app (middlewares, door, error answer, metrics, access log to /dev/null): process CPU time
+per request. It measures the part of a refusal that is this project's code; uvicorn's HTTP parsing and
+the socket I/O come on top. Then the event loop's own CPU (its thread's, inference excluded) per refusal
+and per accepted request, the model idle. Run it from another checkout's code with
 ``PYTHONPATH=DIR .venv/bin/python bench/refusal_cost.py`` to compare. Never asserts a timing.
 """
 

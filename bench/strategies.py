@@ -16,7 +16,8 @@ like any other. ``single`` runs as one process; the others under ``torchrun --st
 - peak resident memory of every rank (``ru_maxrss``), and the final loss (mean of the last steps).
 
 ``single`` is the reference. On this 2-core machine N processes share two cores, so these numbers show
-what each strategy costs on one box, not how it scales over machines (README, "Choosing a strategy").
+what each strategy costs on one box, not how it scales over machines (docs/measurements.md, "Build:
+training strategies"; docs/building.md, "Choosing a strategy").
 Writes ``bench/reports/strategies.json`` and ``.md``; never asserts a timing.
 """
 

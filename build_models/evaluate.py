@@ -215,8 +215,9 @@ class Evaluator:
         """Median ms per batch of the variant and the references, measured in alternating blocks.
 
         Not call-by-call interleaving: ONNX Runtime's and OpenMP's worker threads keep spinning
-        after a call and slowed the next runner's short batch by 3x here. Each block starts with an
-        untimed call; two rounds of blocks (A B C A B C) spread a slow spell over all of them.
+        after a call and slowed the next runner's short batch (docs/measurements.md). Each block
+        starts with an untimed call; two rounds of blocks (A B C A B C) spread a slow spell over all
+        of them.
         """
         runners = {"variant": run, "reference": self.reference_run}
         if self.default_reference_run is not None:

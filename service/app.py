@@ -41,7 +41,7 @@ class RequestGuard:
     handler raised.
 
     (FastAPI's @app.middleware("http") wraps every request in extra tasks and streams; on a
-    2-core machine that cost was visible next to a 3 ms inference.)
+    2-core machine that cost was visible next to a short inference: docs/measurements.md.)
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int):
@@ -95,9 +95,9 @@ class _TooLarge(StarletteHTTPException):
 
 def _without_native_telemetry() -> dict:
     """FastAPI >= 0.16x instruments every request with OpenTelemetry on its own and checks whether
-    to, at some 15 us a request even when nothing is configured. Tracing here is service/tracing.py's
-    (FastAPIInstrumentor, on only with an OTLP endpoint), so the native layer stays off: no double
-    spans, and no cost on the refusal path."""
+    to, at a cost per request even when nothing is configured (docs/measurements.md). Tracing here is
+    service/tracing.py's (FastAPIInstrumentor, on only with an OTLP endpoint), so the native layer
+    stays off: no double spans, and no cost on the refusal path."""
     import inspect
 
     if "telemetry" in inspect.signature(FastAPI.__init__).parameters:

@@ -101,8 +101,8 @@ class RequestObserver:
 class RefusalLog:
     """Overload refusals (429) in the access log as one line per model and route per second, with
     their count, instead of a line each: under ten times its capacity a server refuses hundreds of
-    requests a second, and writing each line took a quarter of what a refusal costs, taken from the
-    model. Every refusal is still counted in ``bertserve_rejections_total``."""
+    requests a second, and writing each line cost a large share of what a refusal costs, taken from the
+    model (docs/measurements.md). Every refusal is still counted in ``bertserve_rejections_total``."""
 
     def __init__(self, interval_s: float = 1.0, clock=time.monotonic):
         self.interval_s, self.clock = interval_s, clock

@@ -29,13 +29,13 @@ class ServiceSettings(BaseSettings):
 
     # Backends
     # 0 = automatic: two single-threaded instances on a multi-core machine. Under concurrent load two
-    # independent sessions kept 2 cores busier than one two-threaded session (short texts at
-    # concurrency 32: 148 vs 95 texts/s in bench/); a lone request still gets every core through the
-    # solo sessions (solo_batch_threads below).
+    # independent sessions keep the cores busier than one multi-threaded session (measured in bench/:
+    # docs/measurements.md); a lone request still gets every core through the solo sessions
+    # (solo_batch_threads below).
     intra_op_threads: int = Field(0, ge=0)  # threads per instance; 0 = cores / instances
     instances_per_model: int = Field(0, ge=0, le=16)  # backend instances (worker threads) per model
     # ONNX Runtime's worker threads spin briefly between parallel sections. Turning that off looked
-    # kinder to the event loop but cut short-text throughput by a third in bench/ on 2 cores.
+    # kinder to the event loop but cut short-text throughput in bench/ (docs/measurements.md).
     ort_spinning: bool = True
     # Intra-op threads of an extra ONNX Runtime session per CPU instance, used for a batch that runs
     # alone (other workers idle, queue empty): a lone text then gets every core instead of one. 0 = auto
@@ -45,8 +45,8 @@ class ServiceSettings(BaseSettings):
     # Dynamic batching
     max_batch_size: int = Field(32, ge=1, le=4096)
     # Padded tokens per batch (batch size x longest item). Small on purpose: with single-threaded CPU
-    # instances, 2048 served 16-text mixed requests at concurrency 8 at 88 texts/s against 59 with 8192
-    # (bench/), and short texts still fill batches of 32. The model's max_seq_len always fits.
+    # instances, 2048 served 16-text mixed requests faster than 8192 did (bench/: docs/measurements.md),
+    # and short texts still fill batches of 32. The model's max_seq_len always fits.
     max_batch_tokens: int = Field(2048, ge=16)
     # 0: a lone item goes at once; under load batches still form while the workers are busy. A few ms
     # helps on a GPU, where a bigger batch costs little more than a small one.
@@ -54,7 +54,7 @@ class ServiceSettings(BaseSettings):
     # Padded / real tokens a batch may reach before companions of very different length wait for the
     # next batch (length bucketing inside the queue). 0 = no limit. Tight on purpose: on CPU a padded
     # token costs as much as a real one, while a batch of 8 costs little more per text than one of 32;
-    # 1.15 served short tweets at concurrency 32 at 188-200 texts/s against 144-151 with 1.5 (bench/).
+    # 1.15 served short tweets faster than 1.5 did (bench/: docs/measurements.md).
     max_padding_ratio: float = Field(1.15, ge=0)
     max_queue_items: int = Field(4096, ge=1)  # beyond this, 429 with Retry-After
     # Also 429 while the queued work alone would take longer than this to reach (estimated from the

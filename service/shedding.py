@@ -1,7 +1,7 @@
 """Load shedding at the door: an inference request for a saturated model is refused (429 with
 Retry-After) before FastAPI routes, validates and tokenizes it.
 
-Under ten times its capacity a 2-core server spends most of its time refusing; every millisecond of
+Under overload a server spends much of its time refusing (docs/measurements.md); every millisecond of
 Python a refusal costs is taken from the model. Here a refusal costs reading the body, one orjson
 parse to find the model and count its inputs, and one question to its admission
 (service/batching/admission.py). An admitted request carries its ticket in its context; the model

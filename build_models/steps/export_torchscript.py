@@ -21,7 +21,7 @@ def run(cfg: ExportTorchScriptConfig, art: Artifact, ctx: BuildContext) -> tuple
     path = ctx.work_dir / "model.pt"
     with torch.no_grad():
         traced = torch.jit.trace(art.module, ordered(sample, names), check_trace=False, strict=False)
-        # Not frozen: torch.jit.freeze made MiniLM ~40% slower at batch 32 x 128 here.
+        # Not frozen: torch.jit.freeze made MiniLM slower at batch 32 x 128 (docs/measurements.md).
     torch.jit.save(traced, str(path))
     reloaded = torch.jit.load(str(path), map_location="cpu")
     worst = 0.0

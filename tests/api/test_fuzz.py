@@ -41,7 +41,7 @@ schema = schemathesis.openapi.from_url(f"{BASE}/openapi.json", config=CONFIG)
 
 def _call_and_validate(case) -> None:
     # Excluded: "schema-valid request rejected". Empty and whitespace-only texts are schema-valid strings
-    # that this server refuses with 422 by design (README, Errors), as OpenAI and TEI do.
+    # that this server refuses with 422 by design (docs/serving.md, Errors), as OpenAI and TEI do.
     case.call_and_validate(headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                            excluded_checks=[schemathesis.checks.positive_data_acceptance])
 

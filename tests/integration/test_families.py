@@ -44,7 +44,7 @@ def _roberta(path: Path) -> None:
 
 MAKERS = {"distilbert": _distilbert, "roberta": _roberta}
 # ORT's attention fusion does not match the DistilBERT graph that transformers 4.57 exports (its mask
-# goes through Equal/Where); LayerNorm and Gelu fusions still apply. The README says so.
+# goes through Equal/Where); LayerNorm and Gelu fusions still apply. docs/building.md (Families) says so.
 ATTENTION_FUSES = {"distilbert": False, "roberta": True}
 
 

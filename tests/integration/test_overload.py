@@ -2,7 +2,7 @@
 MiniLM (fp32, fused) in a server subprocess: the server stays up, memory stays bounded, excess load is
 refused at once with 429 and Retry-After, bad requests are never served, and every accepted request
 gets the right answer. The share of the unloaded maximum that stays accepted is printed and reported
-(README), not asserted: it is a timing on a machine the load generator shares."""
+(docs/measurements.md), not asserted: it is a timing on a machine the load generator shares."""
 
 from __future__ import annotations
 
@@ -118,12 +118,13 @@ def test_ten_times_capacity_is_refused_promptly_and_accepted_work_is_right(minil
         # 13 ms in a quiet run); the tail is the wait to be read while the event loop, sharing two cores
         # with the model and this generator, falls behind 768 outstanding requests: p99 1.0-1.4 s in quiet
         # runs of this test, up to 5 s in other runs of the same load. So: the median within 3 s, the
-        # slowest 1% well inside the request timeout (README).
+        # slowest 1% well inside the request timeout (docs/reliability.md).
         assert loaded.latency_quantile("429", 0.5) < 3.0, figures
         assert loaded.latency_quantile("429", 0.99) < 10.0, figures
         # How much accepted work keeps pace with the unloaded maximum is a timing: it is reported
-        # (README, `python -m bench.pressure overload`), not asserted.
-        # Bounded: the queue holds at most about a second of work, so memory must not climb with load.
+        # (docs/measurements.md, `python -m bench.pressure overload`), not asserted.
+        # Bounded: the queue holds at most about BERTSERVE_MAX_QUEUE_WAIT_MS of work, so memory must not
+        # climb with load.
         assert rss["peak_mb"] - rss["start_mb"] < 200, figures
         assert httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=10).status_code == 200
     finally:
