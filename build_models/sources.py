@@ -77,6 +77,53 @@ def _sentence_transformers_pooling(path: Path) -> tuple[str | None, bool]:
     return pooling, normalize
 
 
+def checkpoint_config(path: Path) -> dict:
+    """config.json of a checkpoint directory of a supported family; the cheap checks, before any import."""
+    if not path.exists():
+        raise SourceError(f"source {path} does not exist")
+    if not path.is_dir():
+        raise SourceError(f"source {path} is not a directory: expected a checkpoint directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise SourceError(f"source {path} is not a Hugging Face checkpoint: expected a directory with config.json, "
+                          f"the weights and the tokenizer files (as save_pretrained writes them)")
+    config = _read_json(config_file)
+    if not isinstance(config, dict):
+        raise SourceError(f"{config_file}: expected a JSON object")
+    model_type = config.get("model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        shown = repr(model_type) if model_type else "(none in config.json)"
+        raise SourceError(
+            f"source {path}: model_type {shown} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return config
+
+
+def classification_head(config: dict) -> str | None:
+    """The checkpoint's ``*ForSequenceClassification`` architecture, if it has one."""
+    return next((a for a in config.get("architectures") or [] if a.endswith("ForSequenceClassification")), None)
+
+
+def default_task(config: dict) -> str:
+    return "classification" if classification_head(config) else "embedding"
+
+
+def _check_task(path: Path, config: dict, task: str, labels_from_teacher: bool) -> None:
+    """Refuse a task the checkpoint was not trained for. ``labels_from_teacher``: a finetune teacher step
+    trains the head, so any encoder will do. A classifier's encoder was tuned to separate its labels, not
+    to embed sentences: asking for embeddings from one is far more often a slip than a plan."""
+    head = classification_head(config)
+    if task == "embedding" and head:
+        raise SourceError(f"source {path} is a sequence classifier ({head}), not a sentence-embedding model: "
+                          f"use --task classification (task: classification in a recipe)")
+    # Without 'architectures' (hand-written configs) the id2label check below is all there is to go on.
+    if task == "classification" and not labels_from_teacher and not head and config.get("architectures"):
+        raise SourceError(f"source {path} has no sequence-classification head (architectures: "
+                          f"{', '.join(config['architectures'])}): task classification needs a "
+                          f"*ForSequenceClassification checkpoint with id2label, or a finetune teacher step "
+                          f"in a recipe; for sentence embeddings use --task embedding (task: embedding in a recipe)")
+
+
 def resolve_source(cfg: SourceConfig, task: str, base_dir: Path | None = None,
                    labels_from_teacher: bool = False) -> ResolvedSource:
     """The checkpoint directory and what the task needs from it. ``labels_from_teacher``: a classifier
@@ -95,19 +142,9 @@ def resolve_source(cfg: SourceConfig, task: str, base_dir: Path | None = None,
         if not path.is_absolute() and base_dir is not None and not path.exists():
             path = base_dir / path
         description = {"path": str(path)}
-    if not path.exists():
-        raise SourceError(f"source {path} does not exist")
-    if not path.is_dir():
-        raise SourceError(f"source {path} is not a directory")
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise SourceError(f"source {path} is not a Hugging Face checkpoint (no config.json)")
-    config = _read_json(config_file)
-    model_type = config.get("model_type", "")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise SourceError(
-            f"source {path}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    config = checkpoint_config(path)
+    model_type = config["model_type"]
+    _check_task(path, config, task, labels_from_teacher)
     has_weights = any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")) or any(
         path.glob("model-*.safetensors")
     )
