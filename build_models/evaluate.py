@@ -6,12 +6,13 @@ reported as retention = variant accuracy / reference accuracy; per-dimension ran
 own train-split outputs (the manifest's calibration for int8/uint8 embeddings) and what float32, int8,
 uint8 and binary vectors cost in probe retention and recall@10 (build_models/lowbit.py). Classification task: accuracy and
 macro-F1 against the corpus labels (when they are the model's labels) and agreement with the
-reference's predictions. Plus a latency probe, reference and variant timed alternately in one run.
-Only the test split is used for scores; calibration and distillation use the train split.
+reference's predictions. Plus a latency probe: every variant of the build and the references timed
+in alternating blocks in one session. Only the test split is used for scores; calibration and distillation use the train split.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -90,16 +91,39 @@ def tokenize(tokenizer, texts: list[str], names: list[str], max_len: int, pad_to
     return {n: enc[n].astype(np.int64) for n in names}
 
 
-def encode(run: Runner, tokenizer, texts: list[str], names: list[str], max_len: int) -> np.ndarray:
-    """Outputs for every text, in order; batches are length-sorted to keep padding small."""
-    lengths = [len(t) for t in texts]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
-    out: list[np.ndarray | None] = [None] * len(texts)
-    for start in range(0, len(order), BATCH):
-        idx = order[start : start + BATCH]
-        result = run(tokenize(tokenizer, [texts[i] for i in idx], names, max_len))
-        for i, row in zip(idx, result):
+@dataclass
+class Batches:
+    """One split's texts tokenized once, in length-sorted batches, for every runner to encode.
+
+    Length-sorted to keep padding small; ``order`` maps each batch row back to its text.
+    """
+    order: list[list[int]]
+    inputs: list[dict[str, np.ndarray]]
+    size: int
+
+
+def batches(tokenizer, texts: list[str], names: list[str], max_len: int) -> Batches:
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    chunks = [order[start : start + BATCH] for start in range(0, len(order), BATCH)]
+    return Batches(order=chunks, inputs=[tokenize(tokenizer, [texts[i] for i in idx], names, max_len) for idx in chunks],
+                   size=len(texts))
+
+
+def progress_bar(total: int, desc: str, unit: str):
+    """A tqdm bar with time left on stderr, drawn only when stderr is a terminal (not in logs)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
+
+
+def encode(run: Runner, split: Batches, bar=None) -> np.ndarray:
+    """Outputs for every text of the split, in the texts' order."""
+    out: list[np.ndarray | None] = [None] * split.size
+    for idx, inputs in zip(split.order, split.inputs):
+        for i, row in zip(idx, run(inputs)):
             out[i] = row
+        if bar is not None:
+            bar.update(len(idx))
     return np.stack(out)
 
 
@@ -129,32 +153,51 @@ class QualityResult:
 
 
 class Evaluator:
-    """Holds the held-out data and the reference's outputs, so each variant costs one pass."""
+    """Holds the held-out data, tokenized once, and the reference's outputs, so each variant costs
+    one pass. ``cache``: where the reference's outputs are kept between builds (reference_cache.py)."""
 
     def __init__(self, cfg: EvaluationConfig, task: str, tokenizer, names: list[str],
                  reference: torch.nn.Module, labels: list[str] | None,
-                 default_reference: torch.nn.Module | None = None):
+                 default_reference: torch.nn.Module | None = None, cache=None, log=None):
         self.cfg, self.task, self.tokenizer, self.names = cfg, task, tokenizer, names
         self.labels = labels
         self.threads = default_threads(cfg)
         torch.set_num_threads(self.threads)
         self.train: LabelledText = stratified_sample(load_split(cfg.dataset, "train"), cfg.probe_train_samples, cfg.seed)
         self.test: LabelledText = stratified_sample(load_split(cfg.dataset, "test"), cfg.probe_test_samples, cfg.seed + 1)
+        splits = {"test": self.test} | ({"train": self.train} if task == "embedding" else {})
+        self.splits = {k: batches(tokenizer, v.texts, names, cfg.eval_max_seq_len) for k, v in splits.items()}
         self.reference_run = torch_runner(reference, names)
         # The same weights with transformers' default (SDPA) attention, timed only.
         self.default_reference_run = torch_runner(default_reference, names) if default_reference else None
-        self.ref = self._outputs(self.reference_run)
-        self.ref_quality = self._score(self.ref)
+        self.reference_cached = False
+        self.ref, self.ref_quality = self._reference(cache, log or (lambda msg: None))
+
+    def _reference(self, cache, log) -> tuple[dict[str, np.ndarray], QualityResult]:
+        from build_models.reference_cache import CachedReference
+
+        entry = cache.load() if cache is not None else None
+        if entry is not None and set(entry.outputs) == set(self.splits) and all(
+                len(entry.outputs[k]) == self.splits[k].size for k in self.splits):
+            self.reference_cached = True
+            return entry.outputs, QualityResult(**entry.quality)
+        outputs = self.outputs(self.reference_run, "reference")
+        quality = self._score(outputs)
+        if cache is not None:
+            try:
+                cache.save(CachedReference(outputs=outputs, quality=dataclasses.asdict(quality)))
+            except OSError as exc:
+                log(f"note: the reference's outputs were not cached ({exc})")
+        return outputs, quality
 
     @property
     def dataset(self) -> str:
         return self.cfg.dataset
 
-    def _outputs(self, run: Runner) -> dict[str, np.ndarray]:
-        out = {"test": encode(run, self.tokenizer, self.test.texts, self.names, self.cfg.eval_max_seq_len)}
-        if self.task == "embedding":
-            out["train"] = encode(run, self.tokenizer, self.train.texts, self.names, self.cfg.eval_max_seq_len)
-        return out
+    def outputs(self, run: Runner, name: str) -> dict[str, np.ndarray]:
+        """The runner's outputs on every split, with a progress bar over the texts."""
+        with progress_bar(sum(b.size for b in self.splits.values()), f"{name}: evaluation", "text") as bar:
+            return {k: encode(run, split, bar) for k, split in self.splits.items()}
 
     def _score(self, outputs: dict[str, np.ndarray]) -> QualityResult:
         if self.task == "embedding":
@@ -175,8 +218,8 @@ class Evaluator:
             acc = None  # the corpus labels are not this model's labels: only agreement is meaningful
         return QualityResult(metric="accuracy", value=acc, reference_value=None, retention=None, extra=extra)
 
-    def evaluate(self, run: Runner) -> QualityResult:
-        outputs = self._outputs(run)
+    def evaluate(self, run: Runner, name: str = "variant") -> QualityResult:
+        outputs = self.outputs(run, name)
         result = self._score(outputs)
         result.reference_value = self.ref_quality.value
         if result.value is not None and result.reference_value:
@@ -211,35 +254,46 @@ class Evaluator:
             "batch32_seq128": tokenize(self.tokenizer, longest, self.names, 128, pad_to_max=True),
         }
 
-    def latency(self, run: Runner) -> dict[str, dict[str, float | None]]:
-        """Median ms per batch of the variant and the references, measured in alternating blocks.
+    def latency(self, runs: dict[str, Runner]) -> dict[str, dict[str, dict[str, float | None]]]:
+        """Per variant and case: median ms per batch of the variant and of the references, and the
+        speedups. Every variant of the build is timed in one session with the references, in
+        alternating blocks, so all of them are compared with the same reference samples and the
+        references are timed once per round rather than once per variant.
 
         Not call-by-call interleaving: ONNX Runtime's and OpenMP's worker threads keep spinning
         after a call and slowed the next runner's short batch (docs/measurements.md). Each block
-        starts with an untimed call; two rounds of blocks (A B C A B C) spread a slow spell over all
-        of them.
+        starts with an untimed call; two rounds of blocks (R S A B C R S A B C) spread a slow spell
+        over all of them.
         """
-        runners = {"variant": run, "reference": self.reference_run}
+        references = {"reference": self.reference_run}
         if self.default_reference_run is not None:
-            runners["reference_sdpa"] = self.default_reference_run
-        cases: dict[str, dict[str, float | None]] = {}
-        for case, batch in self.latency_cases().items():
-            per_block = max(1, self.cfg.latency_repeats * (4 if case.startswith("batch1") else 1) // 2)
-            samples: dict[str, list[float]] = {k: [] for k in runners}
-            for _round in range(2):
-                for key, fn in runners.items():
-                    fn(batch)  # untimed: absorbs the previous runner's spinning threads
-                    for _ in range(per_block):
-                        start = time.perf_counter()
-                        fn(batch)
-                        samples[key].append((time.perf_counter() - start) * 1000)
-            med = {k: statistics.median(v) for k, v in samples.items()}
-            row: dict[str, float | None] = {k: round(v, 3) for k, v in med.items()}
-            row["speedup"] = round(med["reference"] / med["variant"], 3)
-            if "reference_sdpa" in med:
-                row["speedup_vs_sdpa"] = round(med["reference_sdpa"] / med["variant"], 3)
-            cases[case] = row
-        return cases
+            references["reference_sdpa"] = self.default_reference_run
+        # Variant names never collide with the references: the keys are tagged.
+        runners = {("ref", k): fn for k, fn in references.items()} | {("variant", k): fn for k, fn in runs.items()}
+        cases = self.latency_cases()
+        out: dict[str, dict[str, dict[str, float | None]]] = {name: {} for name in runs}
+        with progress_bar(2 * len(cases) * len(runners), "latency probe", "block") as bar:
+            for case, batch in cases.items():
+                per_block = max(1, self.cfg.latency_repeats * (4 if case.startswith("batch1") else 1) // 2)
+                samples: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
+                for _round in range(2):
+                    for key, fn in runners.items():
+                        fn(batch)  # untimed: absorbs the previous runner's spinning threads
+                        for _ in range(per_block):
+                            start = time.perf_counter()
+                            fn(batch)
+                            samples[key].append((time.perf_counter() - start) * 1000)
+                        bar.update(1)
+                med = {k: statistics.median(v) for k, v in samples.items()}
+                for name in runs:
+                    variant = med[("variant", name)]
+                    row: dict[str, float | None] = {"variant": round(variant, 3)}
+                    row |= {k: round(med[("ref", k)], 3) for k in references}
+                    row["speedup"] = round(med[("ref", "reference")] / variant, 3)
+                    if "reference_sdpa" in references:
+                        row["speedup_vs_sdpa"] = round(med[("ref", "reference_sdpa")] / variant, 3)
+                    out[name][case] = row
+        return out
 
 
 def check_gates(task: str, quality: QualityResult, gates: GatesConfig) -> list[tuple[str, float | None, float, bool]]:

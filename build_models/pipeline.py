@@ -83,34 +83,43 @@ def _sample_texts(recipe: Recipe) -> list[str]:
 
 
 def build(
-    recipe_path: str | Path,
+    recipe_path: str | Path | None,
     store: str | Path = "model_store",
     only: list[str] | None = None,
     allow_below_gate: bool = False,
     log: Log = _stderr,
     recipe: Recipe | None = None,
     world: World | None = None,
+    origin: str | None = None,
 ) -> BuildResult:
     """Build, evaluate, gate and publish the recipe's variants.
+
+    ``recipe_path`` None: ``recipe`` was made in code (``build-models build --source``). ``origin`` says
+    how the recipe came about, for the manifests' lineage: instead of the file when there is none, else
+    after it (a command-line change to the file's recipe).
 
     Under torchrun (``world`` of several ranks) every rank runs the training steps together; only
     rank 0 evaluates, exports and publishes, so the store gets each variant once.
     """
-    recipe_path = Path(recipe_path)
-    recipe = recipe or load_recipe(recipe_path)
+    recipe_path = Path(recipe_path) if recipe_path is not None else None
+    if recipe is None:
+        if recipe_path is None:
+            raise ValueError("build() needs a recipe file or a Recipe")
+        recipe = load_recipe(recipe_path)
+    where = recipe_path or origin or "recipe"
     world = world or World()
     store = Path(store)
     variants = recipe.variants
     if only:
         unknown = sorted(set(only) - {v.name for v in variants})
         if unknown:
-            raise BuildError(f"{recipe_path}: no variant named {', '.join(unknown)}; "
+            raise BuildError(f"{where}: no variant named {', '.join(unknown)}; "
                              f"variants: {', '.join(v.name for v in variants)}")
         variants = [v for v in variants if v.name in only]
     # Before any heavy work: every rank must train the same thing with the same code.
     world.agree("recipe", {"recipe": recipe.model_dump(), "variants": [v.name for v in variants],
                            "builder": _builder_versions()})
-    source = resolve_source(recipe.source, recipe.task, base_dir=recipe_path.parent,
+    source = resolve_source(recipe.source, recipe.task, base_dir=recipe_path.parent if recipe_path else None,
                             labels_from_teacher=bool(recipe.teacher))
     if world.is_main:
         ensure_writable(store)
@@ -119,6 +128,7 @@ def build(
     from transformers import AutoTokenizer
 
     from build_models.evaluate import Evaluator
+    from build_models.reference_cache import ReferenceCache, reference_key
     from build_models.modeling import encoder_config, load_reference
 
     t0 = time.perf_counter()
@@ -157,12 +167,16 @@ def build(
         evaluator = None
         if world.is_main:
             log("evaluating the fp32 PyTorch reference on held-out text ...")
+            cache = ReferenceCache.in_store(store, reference_key(source, recipe.task, names, recipe.evaluation))
             evaluator = Evaluator(recipe.evaluation, recipe.task, tokenizer, names, reference, source.labels,
-                                  default_reference=default_reference)
+                                  default_reference=default_reference, cache=cache, log=log)
             log(f"reference {evaluator.ref_quality.metric} = {evaluator.ref_quality.value} "
-                f"({len(evaluator.test)} test / {len(evaluator.train)} train texts) in {time.perf_counter() - t0:.0f}s")
-        recipe_hash = hashlib.sha256(recipe_path.read_bytes()).hexdigest() if recipe_path.is_file() else None
+                f"({len(evaluator.test)} test / {len(evaluator.train)} train texts) "
+                + (f"from the cache ({cache.path})" if evaluator.reference_cached
+                   else f"in {time.perf_counter() - t0:.0f}s"))
+        recipe_record = _recipe_record(recipe_path, origin)
         prefix_cache: dict[str, tuple] = {}
+        timed: dict[str, tuple] = {}  # variant name -> (runner, manifest fields), for the latency probe
         for variant in variants:
             started = time.perf_counter()
             ctx = context(variant.name, variant.provider, reference)
@@ -173,9 +187,11 @@ def build(
             outcome = VariantOutcome(name=variant.name, published=False)
             artifact, records = _run_steps(variant, reference, ctx, log, prefix_cache)
             dim_config = ctx.model_config or encoder_config(reference)
-            fields = _manifest_fields(recipe, recipe_path, recipe_hash, variant, source, artifact,
+            fields = _manifest_fields(recipe, recipe_record, variant, source, artifact,
                                       teacher_records + records, max_seq_len, names, dim_config)
-            _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log)
+            run = _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log)
+            if run is not None:
+                timed[variant.name] = (run, fields)
             staging = new_staging_dir(store, variant.name)
             try:
                 _stage_files(staging, artifact, tokenizer)
@@ -185,6 +201,8 @@ def build(
             outcome.seconds = time.perf_counter() - started
             outcomes.append(outcome)
             staged.append((outcome, staging, fields))
+        if timed:
+            _time_variants(evaluator, timed, log)
         # Publish only after every variant is built: an interrupted run leaves the store as it was.
         for outcome, staging, fields in staged:
             if outcome.gate_failures and not allow_below_gate:
@@ -292,7 +310,15 @@ def _jsonable(value):
     return str(value)
 
 
-def _manifest_fields(recipe, recipe_path, recipe_hash, variant, source, artifact, records, max_seq_len,
+def _recipe_record(recipe_path: Path | None, origin: str | None) -> str:
+    """The manifest lineage's ``recipe``: the file and its sha256, and/or how the recipe was made."""
+    if recipe_path is None:
+        return origin or "recipe made in code"
+    digest = hashlib.sha256(recipe_path.read_bytes()).hexdigest() if recipe_path.is_file() else None
+    return f"{recipe_path}" + (f" sha256:{digest}" if digest else "") + (f"; {origin}" if origin else "")
+
+
+def _manifest_fields(recipe, recipe_record, variant, source, artifact, records, max_seq_len,
                      names, config) -> dict:
     if recipe.task == "embedding":
         out_dim = int(getattr(config, "hidden_size", 0) or getattr(config, "dim", 0))
@@ -319,7 +345,7 @@ def _manifest_fields(recipe, recipe_path, recipe_hash, variant, source, artifact
         "labels": source.labels,
         "lineage": {
             "source": {**source.description, "model_type": source.model_type},
-            "recipe": f"{recipe_path}" + (f" sha256:{recipe_hash}" if recipe_hash else ""),
+            "recipe": recipe_record,
             "steps": [r.model_dump() for r in records],
             "builder": _builder_versions(),
         },
@@ -328,7 +354,9 @@ def _manifest_fields(recipe, recipe_path, recipe_hash, variant, source, artifact
     }
 
 
-def _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log: Log) -> None:
+def _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log: Log):
+    """Quality and gates into ``fields`` and ``outcome``; returns the variant's runner for the latency
+    probe, or None when the variant cannot run here."""
     from build_models.evaluate import (VariantUnavailable, check_gates, onnx_runner, torch_runner,
                                        torchscript_runner)
 
@@ -348,9 +376,9 @@ def _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log
         log(f"[{variant.name}] {note}")
         if variant.provider != "cuda":
             outcome.gate_failures.append(f"quality could not be measured ({exc})")
-        return
+        return None
     t = time.perf_counter()
-    quality = evaluator.evaluate(run)
+    quality = evaluator.evaluate(run, variant.name)
     gates = check_gates(recipe.task, quality, recipe.gates_for(variant))
     fields["quality"] = {
         "dataset": evaluator.dataset, "metric": quality.metric, "value": quality.value,
@@ -365,13 +393,10 @@ def _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log
         if not ok:
             shown = "not measured" if value is None else f"{value:.4f}"
             outcome.gate_failures.append(f"gate {metric}: {shown} < {limit}")
-    fields["latency"] = {"threads": evaluator.threads, "cases": evaluator.latency(run)}
     summary = ", ".join(f"{k}={v:.4f}" for k, v in quality.extra.items() if isinstance(v, float))
     retention = "n/a" if quality.retention is None else f"{quality.retention:.4f}"
-    b32 = fields["latency"]["cases"]["batch32_seq128"]
-    speed = f"{b32['speedup']}x vs eager" + (f", {b32['speedup_vs_sdpa']}x vs sdpa" if "speedup_vs_sdpa" in b32 else "")
-    log(f"[{variant.name}] retention={retention} {summary} speedup(b32x128)={speed} "
-        f"({time.perf_counter() - t:.0f}s)" + (f"  FAILED: {'; '.join(outcome.gate_failures)}" if outcome.gate_failures else ""))
+    log(f"[{variant.name}] retention={retention} {summary} ({time.perf_counter() - t:.0f}s)"
+        + (f"  FAILED: {'; '.join(outcome.gate_failures)}" if outcome.gate_failures else ""))
     if quality.embedding_types is not None:
         from build_models.lowbit import format_table
 
@@ -379,6 +404,19 @@ def _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log
             f"{quality.embedding_types['rescore_candidates']}, reordered by float):")
         for line in format_table(quality.embedding_types):
             log(f"[{variant.name}] {line}")
+    return run
+
+
+def _time_variants(evaluator, timed: dict[str, tuple], log: Log) -> None:
+    """The latency probe of every evaluated variant, in one session against the same references."""
+    t = time.perf_counter()
+    cases = evaluator.latency({name: run for name, (run, _) in timed.items()})
+    for name, (_, fields) in timed.items():
+        fields["latency"] = {"threads": evaluator.threads, "cases": cases[name]}
+        b32 = cases[name]["batch32_seq128"]
+        log(f"[{name}] speedup(b32x128)={b32['speedup']}x vs eager"
+            + (f", {b32['speedup_vs_sdpa']}x vs sdpa" if "speedup_vs_sdpa" in b32 else ""))
+    log(f"latency probe of {len(timed)} variant(s) in {time.perf_counter() - t:.0f}s")
 
 
 def _stage_files(staging: Path, artifact: Artifact, tokenizer) -> None:
