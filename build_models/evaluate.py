@@ -7,7 +7,8 @@ own train-split outputs (the manifest's calibration for int8/uint8 embeddings) a
 uint8 and binary vectors cost in probe retention and recall@10 (build_models/lowbit.py). Classification task: accuracy and
 macro-F1 against the corpus labels (when they are the model's labels) and agreement with the
 reference's predictions. Plus a latency probe: every variant of the build and the references timed
-in alternating blocks in one session. Only the test split is used for scores; calibration and distillation use the train split.
+in alternating blocks in one session. Only the test split is used for scores; calibration and
+distillation use the train split.
 """
 
 from __future__ import annotations
