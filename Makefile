@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 STORE  ?= model_store
 RECIPE ?= build_models/recipes/minilm.yaml

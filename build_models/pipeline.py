@@ -128,8 +128,8 @@ def build(
     from transformers import AutoTokenizer
 
     from build_models.evaluate import Evaluator
-    from build_models.reference_cache import ReferenceCache, reference_key
     from build_models.modeling import encoder_config, load_reference
+    from build_models.reference_cache import ReferenceCache, reference_key
 
     t0 = time.perf_counter()
     log(f"source {source.path} ({source.model_type}, task {recipe.task})"

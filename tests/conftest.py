@@ -1,7 +1,6 @@
 """Shared test setup: offline environment, and tiny random BERT checkpoints made in-process (the
 whole pipeline runs on them in seconds). Helpers live in tests/helpers.py."""
 
-import json
 import os
 from pathlib import Path
 
@@ -12,42 +11,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.helpers import R8_LABELS, build_tiny_store, save_tokenizer, tiny_config  # noqa: E402
+from tests.helpers import (R8_LABELS, build_tiny_store, save_sentence_transformers_files,  # noqa: E402
+                           save_tiny_bert, save_tiny_classifier)
 
 
 @pytest.fixture(scope="session")
 def tiny_embedding_dir(tmp_path_factory) -> Path:
-    import torch
-    from transformers import BertModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-embedding")
-    BertModel(tiny_config(), add_pooling_layer=False).save_pretrained(path)
-    save_tokenizer(path)
-    # sentence-transformers files: the build reads pooling and normalization from them.
-    (path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]))
-    (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32,
-                                                                "pooling_mode_mean_tokens": True}))
+    path = save_tiny_bert(tmp_path_factory.mktemp("tiny-embedding"), seed=0)
+    save_sentence_transformers_files(path, {"pooling_mode_mean_tokens": True})
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_classifier_dir(tmp_path_factory) -> Path:
-    import torch
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("tiny-classifier")
-    config = tiny_config(num_labels=len(R8_LABELS), id2label=dict(enumerate(R8_LABELS)),
-                         label2id={l: i for i, l in enumerate(R8_LABELS)})
-    BertForSequenceClassification(config).save_pretrained(path)
-    save_tokenizer(path)
-    return path
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny-classifier"), R8_LABELS, seed=1)
 
 
 @pytest.fixture(scope="session")

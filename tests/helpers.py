@@ -51,6 +51,48 @@ def save_tokenizer(path: Path) -> None:
     AutoTokenizer.from_pretrained(minilm_tokenizer_dir()).save_pretrained(path)
 
 
+def save_tiny_bert(path: Path, seed: int = 0) -> Path:
+    """A tiny random BERT encoder and MiniLM's tokenizer, as save_pretrained writes them (no
+    sentence-transformers files)."""
+    import torch
+    from transformers import BertModel
+
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    BertModel(tiny_config(), add_pooling_layer=False).save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
+def save_sentence_transformers_files(path: Path, pooling: dict, max_seq_length: int | None = None) -> None:
+    """modules.json (Transformer, Pooling, Normalize) and the pooling config, as sentence-transformers
+    lays a model out; the build reads pooling, normalization and the length from them."""
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, **pooling}))
+    if max_seq_length is not None:
+        (path / "sentence_bert_config.json").write_text(
+            json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))
+
+
+def save_tiny_classifier(path: Path, labels: list[str], seed: int = 1) -> Path:
+    """A tiny random BERT sequence classifier over ``labels`` and MiniLM's tokenizer."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                         label2id={label: i for i, label in enumerate(labels)})
+    BertForSequenceClassification(config).save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
 def tiny_recipe(source: Path, variants: list[dict]) -> dict:
     """A recipe for a tiny embedding checkpoint: an evaluation small enough for seconds, no gates."""
     return {

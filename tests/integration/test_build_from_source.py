@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, BertForSequenceClassification, BertModel
+from transformers import AutoTokenizer, BertModel
 
 import build_models.recipe
 from build_models.cli import main
@@ -21,7 +21,7 @@ from service.backends.base import load_backend
 from service.manifest import load_verified, sha256_file
 from service.settings import ServiceSettings
 from service.tokenization import TextTokenizer, pad_batch
-from tests.helpers import R8_LABELS, save_tokenizer, tiny_config
+from tests.helpers import R8_LABELS, save_sentence_transformers_files, save_tiny_bert, save_tiny_classifier
 
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["Oil prices rose sharply on Monday after the cartel agreed to cut output.", "ok",
@@ -33,37 +33,22 @@ TEXTS = ["Oil prices rose sharply on Monday after the cartel agreed to cut outpu
 
 def save_embedder(path: Path, seed: int = 0) -> Path:
     """A tiny BERT written by save_pretrained alone: no sentence-transformers files."""
-    torch.manual_seed(seed)
-    path.mkdir(parents=True)
-    BertModel(tiny_config(), add_pooling_layer=False).save_pretrained(path)
-    save_tokenizer(path)
-    return path
+    path.mkdir(parents=True)  # a fresh folder, as a user's checkpoint is
+    return save_tiny_bert(path, seed)
 
 
 def save_sentence_transformer(path: Path) -> Path:
     """A tiny BERT laid out as sentence-transformers saves one: CLS pooling, then Normalize, 48 tokens."""
     save_embedder(path, seed=2)
-    (path / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]))
-    (path / "1_Pooling").mkdir()
-    (path / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    save_sentence_transformers_files(path, {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False},
+                                     max_seq_length=48)
     (path / "2_Normalize").mkdir()
-    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 48, "do_lower_case": False}))
     return path
 
 
 def save_classifier(path: Path, labels: list[str]) -> Path:
-    torch.manual_seed(1)
     path.mkdir(parents=True)
-    config = tiny_config(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                         label2id={label: i for i, label in enumerate(labels)})
-    BertForSequenceClassification(config).save_pretrained(path)
-    save_tokenizer(path)
-    return path
+    return save_tiny_classifier(path, labels, seed=1)
 
 
 @pytest.fixture(scope="module")
