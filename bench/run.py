@@ -98,7 +98,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _code_version() -> str:
+def code_version() -> str:
     """The commit the run measured, and whether service/ had uncommitted changes."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -163,12 +163,13 @@ def stop_server(name: str, server: ServerProcess, results: dict) -> None:
     log(f"{name} stopped (exit code {code})")
 
 
-def _adjacent_ceiling(ceiling: Ceiling, workload):
-    """A thunk measuring the ceiling now (None when it fails: the cell then uses the first ceiling)."""
+def _adjacent_ceiling(ceiling: Ceiling, workload, arrangement: str | None):
+    """A thunk measuring the ceiling now, in the arrangement that won for the workload (None when it
+    fails: the cell then uses the first ceiling)."""
 
     def measure() -> float | None:
         try:
-            return ceiling.measure_sorted(workload.texts, workload.tokens)["texts_per_s"]
+            return ceiling.measure_sorted(workload.texts, workload.tokens, arrangement)["texts_per_s"]
         except Exception as exc:
             log(f"adjacent ceiling failed: {type(exc).__name__}: {exc}")
             return None
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             "nproc": os.cpu_count(), "cpu_model": procstat.cpu_model(), "avx2": "avx2" in flags,
             "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "mem_gib": procstat.mem_total_gib(),
             "platform": platform.platform(), "python": platform.python_version(), "versions": _versions(),
-            "code": _code_version(), "loadavg_start": _loadavg(), "model": args.model, "store": str(store),
+            "code": code_version(), "loadavg_start": _loadavg(), "model": args.model, "store": str(store),
             "model_version": int(path.name), "model_format": manifest.get("format"),
             "model_precision": manifest.get("precision"), "duration_s": args.duration, "warmup_s": args.warmup,
             "max_window_s": args.max_window if args.max_window is not None else 4 * args.duration,
@@ -264,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"in-process ceiling, {wname}: {len(w.tokens)} texts")
                 try:
                     results["ceiling"][wname] = ceiling.measure(w.texts, w.tokens)
-                    log(f"  {results['ceiling'][wname]['texts_per_s']:.1f} texts/s")
+                    found = results["ceiling"][wname]
+                    log(f"  {found['texts_per_s']:.1f} texts/s ({found['arrangement']}; "
+                        + ", ".join(f"{k}: {v:.1f}" for k, v in found["arrangements"].items()) + ")")
                 except Exception as exc:
                     results["ceiling"][wname] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         except Exception as exc:
@@ -296,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name, server in servers.items():
                     adjacent = None
                     if name == "bertserve" and ceiling is not None and args.adjacent_ceiling:
-                        adjacent = _adjacent_ceiling(ceiling, workloads[wname])
+                        adjacent = _adjacent_ceiling(ceiling, workloads[wname],
+                                                     results["ceiling"].get(wname, {}).get("arrangement"))
                     results["cells"].append(run_one_cell(name, server, started[name], wname, conc, payloads, args,
                                                          results, adjacent))
                     _write(results, out)
