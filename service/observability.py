@@ -157,6 +157,9 @@ class JsonLogFormatter(logging.Formatter):
 
 def configure_logging(level: str, fmt: str) -> None:
     """Root logging for the server process: JSON lines (default) or plain text, on stderr."""
+    # Records never show the process, thread or multiprocessing names: don't look them up per record
+    # (a system call and lookups on every access-log line).
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     handler = logging.StreamHandler()
     if fmt == "json":
         formatter = JsonLogFormatter()

@@ -122,14 +122,14 @@ class Registry:
     def _solo_backends(self, entry: ModelEntry) -> list[Backend]:
         """One wider ONNX CPU session per instance for batches that run alone, when that adds threads.
 
-        Not for TorchScript (torch's thread count is global to the process) nor GPUs. Spinning is off:
-        a solo session's threads must not keep spinning after its batch while another worker starts.
+        Not for TorchScript (torch's thread count is global to the process) nor GPUs. Its threads spin
+        only while its run lasts (``session_options``), like every session's.
         """
         s = self.settings
         first = entry.backends[0].info
         if first.format != "onnx" or first.provider != "CPUExecutionProvider" or s.solo_threads <= s.threads:
             return []
-        wide = s.model_copy(update={"intra_op_threads": s.solo_threads, "ort_spinning": False})
+        wide = s.model_copy(update={"intra_op_threads": s.solo_threads})
         return [self._backend_loader(entry.path, entry.manifest, wide) for _ in entry.backends]
 
     def add(self, entry: ModelEntry) -> ModelEntry:
@@ -147,7 +147,7 @@ class Registry:
         limits = BatchLimits(max_batch_size=s.max_batch_size,
                              max_batch_tokens=max(s.max_batch_tokens, entry.manifest.max_seq_len),
                              max_queue_delay_s=s.max_queue_delay_ms / 1000,
-                             max_padding_ratio=s.max_padding_ratio or None)
+                             max_padding_ratio=s.padding_ratio)
         names, pad_id = entry.input_names, entry.tokenizer.pad_id
         return Batcher(f"{entry.name}:{entry.version}", [row_infer_fn(b, names, pad_id) for b in entry.backends],
                        limits, s.max_queue_items, on_event=self._model_event(entry.name),

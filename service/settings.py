@@ -34,8 +34,9 @@ class ServiceSettings(BaseSettings):
     # (solo_batch_threads below).
     intra_op_threads: int = Field(0, ge=0)  # threads per instance; 0 = cores / instances
     instances_per_model: int = Field(0, ge=0, le=16)  # backend instances (worker threads) per model
-    # ONNX Runtime's worker threads spin briefly between parallel sections. Turning that off looked
-    # kinder to the event loop but cut short-text throughput in bench/ (docs/measurements.md).
+    # ONNX Runtime's intra-op threads spin between the parallel sections of a run instead of sleeping
+    # and being woken for each of them, and stop spinning as soon as the run ends, so that they never
+    # burn a core the event loop needs between batches (docs/measurements.md).
     ort_spinning: bool = True
     # Intra-op threads of an extra ONNX Runtime session per CPU instance, used for a batch that runs
     # alone (other workers idle, queue empty): a lone text then gets every core instead of one. 0 = auto
@@ -51,11 +52,12 @@ class ServiceSettings(BaseSettings):
     # 0: a lone item goes at once; under load batches still form while the workers are busy. A few ms
     # helps on a GPU, where a bigger batch costs little more than a small one.
     max_queue_delay_ms: float = Field(0.0, ge=0, le=1000)
-    # Padded / real tokens a batch may reach before companions of very different length wait for the
-    # next batch (length bucketing inside the queue). 0 = no limit. Tight on purpose: on CPU a padded
-    # token costs as much as a real one, while a batch of 8 costs little more per text than one of 32;
-    # 1.15 served short tweets faster than 1.5 did (bench/: docs/measurements.md).
-    max_padding_ratio: float = Field(1.15, ge=0)
+    # Padded / real tokens a batch may reach before companions of a different length wait for the next
+    # batch (length bucketing inside the queue). 0 = no limit; unset = by device: 1.0 on CPU, where a
+    # batch's own fixed cost is about that of one token (bench/: docs/measurements.md), so padding is
+    # pure loss and only texts of the same length go together; no limit on CUDA, where a bigger batch
+    # costs little more than a small one.
+    max_padding_ratio: float | None = Field(None, ge=0)
     max_queue_items: int = Field(4096, ge=1)  # beyond this, 429 with Retry-After
     # Also 429 while the queued work alone would take longer than this to reach (estimated from the
     # queued tokens and recent batch times): under overload a client hears at once, not after
@@ -96,9 +98,16 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "ServiceSettings":
-        if 0 < self.max_padding_ratio < 1:
+        if self.max_padding_ratio is not None and 0 < self.max_padding_ratio < 1:
             raise ValueError("max_padding_ratio is padded/real tokens: 0 (no limit) or at least 1")
         return self
+
+    @property
+    def padding_ratio(self) -> float | None:
+        """The batches' padding limit in effect (None = no limit): the setting, or the device's default."""
+        if self.max_padding_ratio is None:
+            return 1.0 if self.device == "cpu" else None
+        return self.max_padding_ratio or None
 
     @property
     def admin_secret(self) -> str:

@@ -18,7 +18,9 @@ def session_options(threads: int, spinning: bool = True):
 
     ``threads`` intra-op threads and one inter-op thread (a BERT graph is a chain: parallel branches
     would only compete for the same cores); every graph optimisation; ``spinning``: whether idle
-    intra-op threads busy-wait for the next op (faster back-to-back runs, a core burnt meanwhile).
+    intra-op threads busy-wait for the next parallel section of a run instead of sleeping until woken.
+    Spinning always stops when the run ends (``session.force_spinning_stop``): between batches a
+    spinning thread would burn a core that the event loop or another instance's run needs.
     """
     import onnxruntime as ort
 
@@ -27,6 +29,7 @@ def session_options(threads: int, spinning: bool = True):
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     return opts
 
 

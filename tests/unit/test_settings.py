@@ -17,3 +17,13 @@ def test_cgroup_quota_caps_the_cores(tmp_path):
     cpu_max.write_text("150000 100000\n")
     assert available_cores(cpu_max) == min(affinity, 2)
     assert available_cores(tmp_path / "missing") == affinity  # cgroup v1 or no cgroup: affinity only
+
+
+def test_padding_limit_follows_the_device_unless_set():
+    from service.settings import ServiceSettings
+
+    # CPU: a batch's fixed cost is about one token's, so only texts of one length go together.
+    assert ServiceSettings().padding_ratio == 1.0
+    assert ServiceSettings(device="cuda").padding_ratio is None  # a GPU batches whatever is queued
+    assert ServiceSettings(max_padding_ratio=1.5).padding_ratio == 1.5
+    assert ServiceSettings(max_padding_ratio=0, device="cpu").padding_ratio is None  # 0 = no limit
