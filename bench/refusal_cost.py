@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import time
 from pathlib import Path
@@ -51,8 +50,7 @@ async def measure(store: Path, model: str, requests: int) -> dict:
     from service.observability import configure_logging
     from service.settings import ServiceSettings
 
-    configure_logging("info", "json")
-    logging.getLogger().handlers[0].stream = open("/dev/null", "w")  # the access log, written but not shown
+    configure_logging("info", "json", open("/dev/null", "w"))  # the access log, written but not shown
     app = create_app(ServiceSettings(model_store=store, default_model=model))
     async with app.router.lifespan_context(app):
         admission = app.state.registry.get(model).batcher.admission

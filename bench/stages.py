@@ -427,9 +427,8 @@ def measure(store: Path, model: str, requests: int, skip: int, seed: int = 0) ->
         bodies_path.write_text(json.dumps(bodies))
         # Logging as `bertserve` sets it up, with the access log going to a file, as a deployment's goes
         # to its log shipper: writing it is part of what a request costs.
-        configure_logging(settings.log_level, settings.log_format)
         log_file = open(Path(tmp) / "server.log", "w")
-        root.handlers[0].setStream(log_file)
+        log_writer = configure_logging(settings.log_level, settings.log_format, log_file)
         try:
             app = create_app(settings)
             gc.freeze()  # as `bertserve` does once its app is made
@@ -453,6 +452,7 @@ def measure(store: Path, model: str, requests: int, skip: int, seed: int = 0) ->
                     client = runner.run(_serve_and_measure(config, str(bodies_path), requests))
         finally:
             gc.unfreeze()
+            log_writer.stop()
             log_file.close()
             root.handlers[:], level, logging.logProcesses, logging.logThreads, logging.logMultiprocessing = saved
             root.setLevel(level)

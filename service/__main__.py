@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 
 
 def main() -> None:
@@ -17,15 +18,41 @@ def main() -> None:
     from service.settings import ServiceSettings
 
     settings = ServiceSettings()
-    configure_logging(settings.log_level, settings.log_format)
+    log_writer = configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("bertserve.access").disabled = not settings.access_log
     app = create_app(settings)
     # The modules, routes and schemas made so far live as long as the process: keep them out of the
     # collector's full scans, which otherwise walk them again and again on the event loop's thread.
     gc.freeze()
-    # log_config=None keeps the logging set up above; uvicorn's access log is replaced by bertserve.access.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                log_config=None, access_log=False, timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)))
+    stop_writing = _once(log_writer.stop)
+
+    # uvicorn answers SIGTERM and SIGINT by shutting down gracefully, then raises the signal again
+    # under the handlers it found at start: these, which write the lines still queued (the shutdown's
+    # among them) before the process ends by that signal as it would have.
+    def write_logs_then_end(signum, _frame):
+        stop_writing()
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, write_logs_then_end)
+    try:
+        # log_config=None keeps the logging set up above; uvicorn's access log is replaced by bertserve.access.
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
+                    access_log=False, timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)))
+    finally:
+        stop_writing()
+
+
+def _once(fn):
+    done = []
+
+    def call_once():
+        if not done:
+            done.append(True)
+            fn()
+
+    return call_once
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ with, and its timings.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
+import logging.handlers
+import queue
 import time
 
 from starlette.requests import ClientDisconnect
@@ -155,23 +158,43 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    """Root logging for the server process: JSON lines (default) or plain text, on stderr."""
+class _Enqueue(logging.handlers.QueueHandler):
+    """Hands each record to the log writer thread: its message is merged with its arguments here, as
+    they are at the call; the time, fields and traceback are formatted and the line written there."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        return record
+
+
+def configure_logging(level: str, fmt: str, stream=None) -> logging.handlers.QueueListener:
+    """Root logging for the server process: JSON lines (default) or plain text, on ``stream`` (stderr).
+
+    Lines are formatted and written by a writer thread that takes records from a queue, never on the
+    event loop: formatting and writing an access-log line cost about as much as the rest of a short
+    request's bookkeeping (docs/measurements.md), and a log sink that blocks (a full pipe to a slow log
+    shipper) must not stall serving. Returns the writer; ``stop()`` it on the way out, which writes
+    what is still queued."""
     # Records never show the process, thread or multiprocessing names: don't look them up per record
     # (a system call and lookups on every access-log line).
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
-    handler = logging.StreamHandler()
+    handler = logging.StreamHandler(stream)
     if fmt == "json":
         formatter = JsonLogFormatter()
         formatter.converter = time.gmtime
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(formatter)
+    records: queue.SimpleQueue = queue.SimpleQueue()
+    writer = logging.handlers.QueueListener(records, handler)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_Enqueue(records)]
     root.setLevel(level.upper())
+    writer.start()
     # uvicorn's own loggers go through ours, so every line has one format; its access log is replaced
     # by bertserve.access, which knows the route template, model and request id.
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    return writer
