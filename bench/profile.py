@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # `python bench/profile.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import loadgen, procstat  # noqa: E402
+from bench.run import code_version  # noqa: E402
 from bench.servers import HOST, ServerProcess, child_env, free_port  # noqa: E402
 from bench.workloads import build_workloads  # noqa: E402
 
@@ -108,6 +109,7 @@ def main(argv=None) -> int:
         f"- **File**: [{out.name}]({out.name}) (open it in a browser: it zooms and searches)",
         f"- **Date**: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- **Command**: `{' '.join(shown)}`",
+        f"- **Code**: {code_version()}",
         f"- **Recorder**: `{' '.join(Path(record[0]).name if i == 0 else a for i, a in enumerate(record))}`",
         f"- **Machine**: {os.cpu_count()} cores ({procstat.cpu_model()}; AVX2 {'yes' if 'avx2' in flags else 'no'}, "
         f"AVX-512 {'yes' if 'avx512f' in flags else 'no'}, "

@@ -172,9 +172,9 @@ def configure_logging(level: str, fmt: str, stream=None) -> logging.handlers.Que
     """Root logging for the server process: JSON lines (default) or plain text, on ``stream`` (stderr).
 
     Lines are formatted and written by a writer thread that takes records from a queue, never on the
-    event loop: formatting and writing an access-log line cost about as much as the rest of a short
-    request's bookkeeping (docs/measurements.md), and a log sink that blocks (a full pipe to a slow log
-    shipper) must not stall serving. Returns the writer; ``stop()`` it on the way out, which writes
+    event loop: a log sink that blocks (a full pipe to a slow log shipper) must not stall serving, and
+    a line's formatting and write were a share of the event loop's work after each answer
+    (docs/measurements.md). Returns the writer; ``stop()`` it on the way out, which writes
     what is still queued."""
     # Records never show the process, thread or multiprocessing names: don't look them up per record
     # (a system call and lookups on every access-log line).
