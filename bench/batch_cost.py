@@ -73,10 +73,8 @@ def main(argv=None) -> int:
         p.error(f"{args.model!r} is {manifest.get('format')}; this measures ONNX variants")
     result = measure(str(path / manifest["model_file"]), [i["name"] for i in manifest["inputs"]],
                      manifest["outputs"][0]["name"], args.threads)
-    flags = procstat.cpu_flags()
     print(f"{args.model} ({manifest.get('precision')}), {args.threads} thread(s); {os.cpu_count()} cores "
-          f"{procstat.cpu_model()}, AVX2 {'yes' if 'avx2' in flags else 'no'}, AVX-512 "
-          f"{'yes' if 'avx512f' in flags else 'no'}, VNNI {'yes' if {'avx512_vnni', 'avx_vnni'} & flags else 'no'}")
+          f"{procstat.cpu_model()}, {procstat.isa_text(procstat.isa())}")
     print("| batch x tokens | ms per run | ms per padded token |\n|---|---|---|")
     for row in result["shapes"]:
         print(f"| {row['batch']} x {row['tokens']} | {row['ms']:.2f} | {row['ms'] / (row['batch'] * row['tokens']):.3f} |")

@@ -23,7 +23,7 @@ class Arrangement:
     def __init__(self, model_file: str, sessions: int, threads: int):
         import onnxruntime as ort
 
-        self.sessions_n, self.threads = sessions, threads
+        self.threads = threads
         self.name = (f"one session, {threads} threads" if sessions == 1
                      else f"{sessions} sessions, {threads} thread{'s' if threads > 1 else ''} each")
         # The same session options as the server's ONNX backend.

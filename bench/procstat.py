@@ -56,6 +56,18 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def isa() -> dict[str, bool]:
+    """The vector extensions every CPU speed figure depends on: AVX2, AVX-512, VNNI (AVX-512 or AVX)."""
+    flags = cpu_flags()
+    return {"avx2": "avx2" in flags, "avx512": "avx512f" in flags, "vnni": bool({"avx512_vnni", "avx_vnni"} & flags)}
+
+
+def isa_text(found: dict) -> str:
+    """``isa()`` (or a report's copy of it) as "AVX2 yes, AVX-512 no, VNNI no"; keys it lacks are left out."""
+    names = (("avx2", "AVX2"), ("avx512", "AVX-512"), ("vnni", "VNNI"))
+    return ", ".join(f"{name} {'yes' if found[key] else 'no'}" for key, name in names if key in found)
+
+
 def mem_total_gib() -> float | None:
     try:
         with open("/proc/meminfo") as fh:

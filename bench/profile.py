@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # `python bench/profile.py`
 
 from bench import loadgen, procstat  # noqa: E402
 from bench.run import code_version  # noqa: E402
-from bench.servers import HOST, ServerProcess, child_env, free_port  # noqa: E402
+from bench.servers import HOST, ServerProcess, bertserve_argv, child_env, free_port, parse_env  # noqa: E402
 from bench.workloads import build_workloads  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,13 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 1 <= args.concurrency <= 1024 or not 1 <= args.duration <= 600 or not 1 <= args.rate <= 1000:
         p.error("--concurrency in [1, 1024], --duration in [1, 600] s, --rate in [1, 1000]")
-    env = {}
-    for item in args.env:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            p.error(f"--env takes KEY=VAL, got {item!r}")
-        env[key] = value
-    args.env = env
+    args.env = parse_env(args.env, p.error)
     return args
 
 
@@ -80,9 +74,7 @@ def main(argv=None) -> int:
     port = free_port()
     env = child_env({"BERTSERVE_MODEL_STORE": str(store), "BERTSERVE_HOST": HOST, **args.env,
                      "BERTSERVE_PORT": str(port)})
-    script = Path(sys.executable).parent / "bertserve"
-    server = ServerProcess("bertserve", [str(script)] if script.exists() else [sys.executable, "-m", "service"],
-                           env, port, REPO)
+    server = ServerProcess("bertserve", bertserve_argv(), env, port, REPO)
     spy = py_spy()
     with server:
         cell: dict = {}
@@ -100,7 +92,6 @@ def main(argv=None) -> int:
     if done.returncode != 0:
         print(f"error: py-spy failed ({done.returncode}): {done.stderr[-2000:]}", file=sys.stderr)
         return 1
-    flags = procstat.cpu_flags()
     lat = cell.get("latency_ms", {})
     shown = ["python -m bench.profile", *(argv if argv is not None else sys.argv[1:])]
     note = [
@@ -111,9 +102,8 @@ def main(argv=None) -> int:
         f"- **Command**: `{' '.join(shown)}`",
         f"- **Code**: {code_version()}",
         f"- **Recorder**: `{' '.join(Path(record[0]).name if i == 0 else a for i, a in enumerate(record))}`",
-        f"- **Machine**: {os.cpu_count()} cores ({procstat.cpu_model()}; AVX2 {'yes' if 'avx2' in flags else 'no'}, "
-        f"AVX-512 {'yes' if 'avx512f' in flags else 'no'}, "
-        f"VNNI {'yes' if {'avx512_vnni', 'avx_vnni'} & flags else 'no'}), {platform.platform()}",
+        f"- **Machine**: {os.cpu_count()} cores ({procstat.cpu_model()}; {procstat.isa_text(procstat.isa())}), "
+        f"{platform.platform()}",
         f"- **Model**: `{args.model}`; bertserve environment: "
         + (", ".join(f"`{k}={v}`" for k, v in args.env.items()) or "defaults"),
         f"- **While recorded** (sampling costs the server some CPU): {cell.get('texts_per_s', 0):.1f} texts/s, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bench import procstat
+
 
 def _f(value, digits: int = 1, suffix: str = "") -> str:
     if value is None:
@@ -21,8 +23,8 @@ def render(results: dict) -> str:
     out: list[str] = ["# bertserve serving benchmark", ""]
     out += [f"- **Date**: {meta['date']}",
             f"- **Command**: `{meta['command']}`",
-            f"- **Machine**: {meta['nproc']} cores ({meta['cpu_model']}; AVX2 {'yes' if meta['avx2'] else 'no'}, "
-            f"VNNI {'yes' if meta['vnni'] else 'no'}), {meta['mem_gib']} GiB RAM, {meta['platform']}",
+            f"- **Machine**: {meta['nproc']} cores ({meta['cpu_model']}; {procstat.isa_text(meta)}), "
+            f"{meta['mem_gib']} GiB RAM, {meta['platform']}",
             f"- **Software**: Python {meta['python']}, " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
             f"- **Code**: {meta.get('code', 'not recorded')}",
             f"- **Load average** (1/5/15 min) before: {meta['loadavg_start']}, after: {meta.get('loadavg_end', '—')} "

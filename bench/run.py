@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 from bench import loadgen, procstat  # noqa: E402
 from bench.ceiling import Ceiling  # noqa: E402
 from bench.report import render  # noqa: E402
-from bench.servers import HOST, ServerProcess, child_env, free_port  # noqa: E402
+from bench.servers import HOST, ServerProcess, bertserve_argv, child_env, free_port, parse_env  # noqa: E402
 from bench.workloads import build_workloads, load_manifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,15 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--concurrency values must be between 1 and 1024")
     if not 0 < args.duration <= 3600 or not 0 <= args.warmup <= 600:
         p.error("--duration must be in (0, 3600] and --warmup in [0, 600]")
-    env = {}
-    for item in args.env:
-        key, sep, val = item.partition("=")
-        if not sep or not key:
-            p.error(f"--env takes KEY=VAL, got {item!r}")
-        if key in ("BERTSERVE_PORT", "BERTSERVE_HOST", "BERTSERVE_MODEL_STORE"):
-            p.error(f"--env {key} is set by the bench; use --port / --store")
-        env[key] = val
-    args.env = env
+    args.env = parse_env(args.env, p.error)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     return args
 
@@ -125,11 +117,6 @@ def _bertserve_settings(env: dict[str, str]) -> dict | None:
         return json.loads(done.stdout) if done.returncode == 0 else None
     except (subprocess.SubprocessError, json.JSONDecodeError, OSError):
         return None
-
-
-def _bertserve_argv() -> list[str]:
-    script = Path(sys.executable).parent / "bertserve"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service"]
 
 
 def _write(results: dict, out: Path) -> None:
@@ -237,14 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown workload(s) {sorted(unknown)}; known: short, mixed16", file=sys.stderr)
         return 2
-    flags = procstat.cpu_flags()
     results: dict = {
         "meta": {
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
             "command": shlex.join([sys.executable, "-m", "bench.run",
                                    *(argv if argv is not None else sys.argv[1:])]),
-            "nproc": os.cpu_count(), "cpu_model": procstat.cpu_model(), "avx2": "avx2" in flags,
-            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "mem_gib": procstat.mem_total_gib(),
+            "nproc": os.cpu_count(), "cpu_model": procstat.cpu_model(), **procstat.isa(),
+            "mem_gib": procstat.mem_total_gib(),
             "platform": platform.platform(), "python": platform.python_version(), "versions": _versions(),
             "code": code_version(), "loadavg_start": _loadavg(), "model": args.model, "store": str(store),
             "model_version": int(path.name), "model_format": manifest.get("format"),
@@ -278,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     bert_env = child_env({"BERTSERVE_MODEL_STORE": str(store), "BERTSERVE_HOST": HOST, **args.env,
                           "BERTSERVE_PORT": str(args.port or free_port())})
     results["bertserve_settings"] = _bertserve_settings(bert_env)
-    results["servers"]["bertserve"] = {"description": f"`bertserve` ({' '.join(_bertserve_argv())}), settings from "
+    results["servers"]["bertserve"] = {"description": f"`bertserve` ({' '.join(bertserve_argv())}), settings from "
                                                       f"the environment, serving `{store.name}/`."}
-    servers = {"bertserve": ServerProcess("bertserve", _bertserve_argv(), bert_env, int(bert_env["BERTSERVE_PORT"]),
+    servers = {"bertserve": ServerProcess("bertserve", bertserve_argv(), bert_env, int(bert_env["BERTSERVE_PORT"]),
                                           REPO, startup_timeout=args.startup_timeout)}
     if not args.skip_plain:
         results["servers"]["plain"] = {"description": PLAIN_DESCRIPTION}

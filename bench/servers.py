@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,6 +89,30 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# What the bench itself sets for the server it starts; --env may not override them.
+BENCH_OWNED_ENV = ("BERTSERVE_PORT", "BERTSERVE_HOST", "BERTSERVE_MODEL_STORE")
+
+
+def parse_env(items: list[str], error) -> dict[str, str]:
+    """``--env KEY=VAL`` options as a dict; ``error(message)`` (argparse's ``parser.error``) for a
+    malformed one or one of the variables the bench sets itself."""
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            error(f"--env takes KEY=VAL, got {item!r}")
+        if key in BENCH_OWNED_ENV:
+            error(f"--env {key} is set by the bench; use --port / --store")
+        env[key] = value
+    return env
+
+
+def bertserve_argv() -> list[str]:
+    """The ``bertserve`` console script of this environment, or ``python -m service`` without it."""
+    script = Path(sys.executable).parent / "bertserve"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service"]
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:

@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python bench/stages.py`
@@ -118,7 +119,8 @@ class _Outer:
                 marks.in_flight -= 1
 
 
-def _wrap_method(owner, name: str, before: str | None, after: str | None, marks: Marks) -> None:
+def _wrap_method(owner, name: str, before: str | None, after: str | None, marks: Marks) -> Callable[[], None]:
+    """Replace ``owner.name`` by a wrapper that stamps ``before`` and ``after`` it; returns the undo."""
     original = getattr(owner, name)
     if asyncio.iscoroutinefunction(original):
         async def wrapped(*args, **kwargs):
@@ -176,14 +178,12 @@ def probes(app, marks: Marks):
             restore()
 
 
-def probe_sessions(registry, marks: Marks) -> dict[int, str]:
-    """Stamps around every session run of every loaded entry; which session is which, by id."""
-    kinds = {}
+def probe_sessions(registry, marks: Marks) -> None:
+    """Stamps around every session run of every loaded entry, naming the kind of session ("batch" or
+    "solo") that ran it."""
     for entry in registry.entries.values():
         for kind, backends in (("batch", entry.backends), ("solo", entry.solo_backends)):
             for backend in backends:
-                kinds[id(backend)] = kind
-
                 def run(batch, _infer=backend.infer, _kind=kind):
                     marks.mark(f"run {_kind}")
                     try:
@@ -192,7 +192,6 @@ def probe_sessions(registry, marks: Marks) -> dict[int, str]:
                         marks.mark("ran")
 
                 backend.infer = run
-    return kinds
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -306,7 +305,6 @@ def floor(entry, texts: list[str], count: int, skip: int) -> dict:
     from service.tokenization import pad_batch
 
     backend = (entry.solo_backends or entry.backends)[0]
-    run = getattr(backend.infer, "__wrapped__", backend.infer)
     steps: dict[str, list[float]] = {"tokenization": [], "padding": [], "inference (session.run)": [], "total": []}
     for n in range(count):
         text = texts[n % len(texts)]
@@ -315,7 +313,7 @@ def floor(entry, texts: list[str], count: int, skip: int) -> dict:
         t1 = time.perf_counter()
         batch = pad_batch(encoded, entry.input_names, entry.tokenizer.pad_id)
         t2 = time.perf_counter()
-        run(batch)
+        backend.infer(batch)
         t3 = time.perf_counter()
         if n >= skip:
             for name, seconds in (("tokenization", t1 - t0), ("padding", t2 - t1), ("inference (session.run)", t3 - t2),
@@ -372,8 +370,7 @@ def render(result: dict) -> str:
         "",
         f"- **Date**: {meta['date']}",
         f"- **Command**: `{meta['command']}`",
-        f"- **Machine**: {meta['nproc']} cores ({meta['cpu_model']}; AVX2 {'yes' if meta['avx2'] else 'no'}, "
-        f"AVX-512 {'yes' if meta['avx512'] else 'no'}, VNNI {'yes' if meta['vnni'] else 'no'}), {meta['platform']}",
+        f"- **Machine**: {meta['nproc']} cores ({meta['cpu_model']}; {procstat.isa_text(meta)}), {meta['platform']}",
         f"- **Code**: {meta['code']}",
         f"- **Model**: `{meta['model']}` ({meta['model_format']} {meta['model_precision']}); settings: "
         + ", ".join(f"`{k}={v}`" for k, v in meta["settings"].items()),
@@ -464,12 +461,10 @@ def measure(store: Path, model: str, requests: int, skip: int, seed: int = 0) ->
     finally:
         for backend in entry.backends + entry.solo_backends:
             backend.close()
-    flags = procstat.cpu_flags()
     return {
         "meta": {
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "nproc": os.cpu_count(), "cpu_model": procstat.cpu_model(), "avx2": "avx2" in flags,
-            "avx512": "avx512f" in flags, "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
+            "nproc": os.cpu_count(), "cpu_model": procstat.cpu_model(), **procstat.isa(),
             "platform": platform.platform(), "code": code_version(), "model": model,
             "model_format": entry.manifest.format, "model_precision": entry.manifest.precision,
             "requests": requests, "skip": skip,
