@@ -40,7 +40,8 @@ RUN set -e; args=""; for v in ${VARIANTS}; do args="$args --variant $v"; done; \
 # ---------------------------------------------------------------------------------------- runtime
 FROM ${RUNTIME_IMAGE} AS runtime
 ARG PIP_FLAGS=""
-# cpu: onnxruntime; gpu: onnxruntime-gpu (use a CUDA runtime image as RUNTIME_IMAGE).
+# cpu: onnxruntime; gpu: onnxruntime-gpu (use a CUDA runtime image as RUNTIME_IMAGE). The grpc extra
+# (grpcio, tritonclient[grpc]) is always installed: KServe v2 over gRPC is on with BERTSERVE_GRPC_PORT.
 ARG FLAVOR=cpu
 # (bertserve itself turns the tokenizers' own thread pool off: it runs its own.)
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
@@ -56,7 +57,7 @@ COPY service/ service/
 COPY build_models/ build_models/
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install ${PIP_FLAGS} --upgrade pip setuptools \
- && /opt/venv/bin/pip install ${PIP_FLAGS} ".[${FLAVOR}]" \
+ && /opt/venv/bin/pip install ${PIP_FLAGS} ".[${FLAVOR},grpc]" \
  && rm -rf /wheelhouse /src \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin bertserve
 # The store belongs to root and is read-only for everyone, the server's user included.
@@ -66,7 +67,8 @@ WORKDIR /tmp
 USER 10001
 # HOME on /tmp: the user has no home, and libraries that cache small files find a writable place there.
 ENV BERTSERVE_MODEL_STORE=/models BERTSERVE_HOST=0.0.0.0 BERTSERVE_PORT=8000 BERTSERVE_DEVICE=cpu HOME=/tmp
-EXPOSE 8000
+# 8000: HTTP; 8001: gRPC, when BERTSERVE_GRPC_PORT=8001 (docker-compose.yml and deploy/k8s set it).
+EXPOSE 8000 8001
 # Ready = at least the default model loaded and warmed up (KServe v2 readiness).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python3", "-c", "import os, sys, urllib.request as u; u.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('BERTSERVE_PORT', '8000'), timeout=2); sys.exit(0)"]

@@ -20,7 +20,7 @@ venv: $(STAMP)
 # (scripts/install_venv.py; BERTSERVE_INSTALLER=pip forces pip).
 $(STAMP): pyproject.toml scripts/install_venv.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) scripts/install_venv.py $(PY) --extras cpu,build,tracing,dev
+	$(PY) scripts/install_venv.py $(PY) --extras cpu,build,tracing,grpc,dev
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -165,7 +165,7 @@ def probes(app, marks: Marks):
         layer.app = _Enter(inner, layers[-1], marks)
         layer = inner
     undo = [_wrap_method(ModelEntry, "infer", "handler", "handler resumed", marks),
-            _wrap_method(TextTokenizer, "encode_texts", "tokenize", "tokenized", marks),
+            _wrap_method(TextTokenizer, "encode", "tokenize", "tokenized", marks),
             _wrap_method(Batcher, "submit", "submit", None, marks),
             _wrap_method(Admission, "enqueue", None, "queued", marks),
             _wrap_method(Batcher, "_run", "worker awake", None, marks),

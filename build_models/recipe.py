@@ -265,6 +265,10 @@ class Recipe(StrictModel):
     source: SourceConfig
     task: Literal["embedding", "classification"]
     max_seq_len: int | None = Field(None, ge=8)
+    # How the server treats inputs longer than max_seq_len for this family (service/long_input.py):
+    # recorded in every variant's manifest; unset leaves it to the server's BERTSERVE_LONG_INPUT.
+    long_input: Literal["error", "truncate", "window"] | None = None
+    window_overlap: int | None = Field(None, ge=0, le=8192)
     # Steps that turn the source into the teacher (the fp32 reference) before any variant is built.
     teacher: list[TeacherStep] = Field(default_factory=list)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)

@@ -30,6 +30,9 @@ class ResolvedSource:
     normalize: bool = False
     max_seq_len: int = 512
     labels: list[str] | None = None
+    # sentence-transformers prompts (config_sentence_transformers.json), recorded in the manifest.
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt_name: str | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -75,6 +78,29 @@ def _sentence_transformers_pooling(path: Path) -> tuple[str | None, bool]:
         elif kind.endswith("Normalize"):
             normalize = True
     return pooling, normalize
+
+
+def _read_prompts(path: Path, src: ResolvedSource) -> None:
+    """The checkpoint's sentence-transformers prompts. The served graph pools over every token, so a
+    checkpoint whose pooling leaves the prompt out (include_prompt: false) gets no prompts, with a note."""
+    cfg_file = path / "config_sentence_transformers.json"
+    cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
+    prompts = cfg.get("prompts") if isinstance(cfg, dict) else None
+    if not prompts:
+        return
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise SourceError(f"{cfg_file}: prompts must map names to texts")
+    modules = _read_json(path / "modules.json") if (path / "modules.json").is_file() else []
+    for module in modules if isinstance(modules, list) else []:
+        pooling_cfg = path / module.get("path", "1_Pooling") / "config.json"
+        if module.get("type", "").endswith("Pooling") and pooling_cfg.is_file() and \
+                _read_json(pooling_cfg).get("include_prompt") is False:
+            src.notes.append("the pooling leaves the prompt's tokens out (include_prompt: false), which the "
+                             "served graph cannot: the prompts are not recorded")
+            return
+    src.prompts = {k: v for k, v in prompts.items() if v}  # an empty prompt is no prompt
+    default = cfg.get("default_prompt_name")
+    src.default_prompt_name = default if default in src.prompts else None
 
 
 def checkpoint_config(path: Path) -> dict:
@@ -167,6 +193,7 @@ def resolve_source(cfg: SourceConfig, task: str, base_dir: Path | None = None,
             src.notes.append("no sentence-transformers pooling config: using mean pooling, no normalization")
             pooling = "mean"
         src.pooling, src.normalize = pooling, normalize
+        _read_prompts(path, src)
     elif labels_from_teacher:
         src.pooling, src.normalize = None, False
     else:

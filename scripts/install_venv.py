@@ -1,6 +1,6 @@
 """Install the project into a virtual environment: with uv when the package index has it, else pip.
 
-    python scripts/install_venv.py .venv/bin/python --extras cpu,build,tracing,dev
+    python scripts/install_venv.py .venv/bin/python --extras cpu,build,tracing,grpc,dev
 
 uv resolves, downloads and unpacks in parallel and was several times faster than pip here
 (docs/measurements.md). But uv does not read pip's configuration, and on machines whose pip config
@@ -91,7 +91,7 @@ def with_pip(python: str, target: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("python", help="the virtual environment's python")
-    parser.add_argument("--extras", default="cpu,build,tracing,dev")
+    parser.add_argument("--extras", default="cpu,build,tracing,grpc,dev")
     parser.add_argument("--installer", choices=["auto", "uv", "pip"],
                         default=os.environ.get("BERTSERVE_INSTALLER", "auto"))
     args = parser.parse_args(argv)

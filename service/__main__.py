@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 
 
 def main() -> None:
@@ -14,13 +15,18 @@ def main() -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.errors import ConfigurationError
     from service.observability import configure_logging
     from service.settings import ServiceSettings
 
     settings = ServiceSettings()
     log_writer = configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("bertserve.access").disabled = not settings.access_log
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigurationError as exc:  # e.g. BERTSERVE_GRPC_PORT without grpcio: one line, exit 1
+        log_writer.stop()
+        sys.exit(f"bertserve: {exc}")
     # The modules, routes and schemas made so far live as long as the process: keep them out of the
     # collector's full scans, which otherwise walk them again and again on the event loop's thread.
     gc.freeze()

@@ -17,6 +17,7 @@ from service import context, watchdog
 from service.api import kserve, openai, ops, repository, tei
 from service.api.errors import install_error_handlers
 from service.auth import AccessControl
+from service.cors import add_cors
 from service.metrics import ServiceMetrics
 from service.observability import RefusalLog, RequestObserver
 from service.registry import Registry
@@ -126,7 +127,11 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
             log.error("not ready: %s", reg.problem or "no model loaded")
         poller = asyncio.create_task(reloader.poll()) if settings.store_poll_interval_s > 0 else None
         background = [asyncio.create_task(watchdog.watch(reg)), asyncio.create_task(app.state.refusals.run())]
+        if grpc_server is not None:  # on this event loop, over the same registry
+            await grpc_server.start()
         yield
+        if grpc_server is not None:  # new calls refused; those in flight finish within the grace
+            await grpc_server.stop(settings.shutdown_grace_s)
         if poller is not None:
             poller.cancel()
             await asyncio.gather(poller, return_exceptions=True)
@@ -146,6 +151,11 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
     app.state.metrics = ServiceMetrics()
     app.state.refusals = RefusalLog()
     install_error_handlers(app)
+    grpc_server = None
+    if settings.grpc_port is not None:  # KServe v2 over gRPC; GrpcUnavailable at once without grpcio
+        from service.api.grpc_service import GrpcServer
+
+        grpc_server = app.state.grpc = GrpcServer(app, settings)
 
     app.include_router(openai.router)
     app.include_router(ops.router)
@@ -160,4 +170,6 @@ def create_app(settings: ServiceSettings | None = None, registry: Registry | Non
     app.add_middleware(RequestGuard, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestObserver, metrics=app.state.metrics, refusals=app.state.refusals)
     app.state.tracing = setup_tracing(app, tracing_exporter)
+    # Around all of it, when set: CORS (service/cors.py), after tracing, which wraps the stack first.
+    add_cors(app, settings)
     return app

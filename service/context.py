@@ -86,9 +86,14 @@ class _RequestIds:
 _ids = _RequestIds()
 
 
+def request_id(given: str | None) -> str:
+    """The client's request id (up to 128 characters), or a fresh one when it sent none."""
+    return given[:128] if given else _ids.next()
+
+
 def _request_id(scope: Scope) -> str:
     """The client's X-Request-Id (up to 128 characters), or a fresh one."""
     for name, value in scope.get("headers") or ():
         if name == REQUEST_ID_HEADER_BYTES:
-            return value.decode("latin-1")[:128] or _ids.next()
+            return request_id(value.decode("latin-1"))
     return _ids.next()

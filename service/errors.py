@@ -28,6 +28,23 @@ class InvalidInput(ServiceError):
     type = "invalid_input"
 
 
+class Unauthorized(ServiceError):
+    """A missing or wrong API key or admin key (service/auth.py)."""
+
+    status_code = 401
+    type = "unauthorized"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ServiceError):
+    """The model repository while no admin key is set (service/auth.py)."""
+
+    status_code = 403
+    type = "forbidden"
+
+
 class ModelNotFound(ServiceError):
     status_code = 404
     type = "model_not_found"
@@ -63,11 +80,24 @@ class InferenceFailed(ServiceError):
     type = "inference_failed"
 
 
+class NotImplementedHere(ServiceError):
+    """A part of a protocol this server does not serve (the gRPC service's other RPCs): UNIMPLEMENTED
+    over gRPC, counted as 404, as an unknown HTTP route is (a client's mistake, not a server error)."""
+
+    status_code = 404
+    type = "not_implemented"
+
+
 class ClientDisconnected(ServiceError):
     """The client went away before its answer was ready; nobody reads this response."""
 
     status_code = 499
     type = "client_disconnected"
+
+
+class ConfigurationError(Exception):
+    """The server cannot start as configured (a setting asks for what is not installed). Not a client's
+    error: ``bertserve`` prints its one-line message and exits (service/__main__.py)."""
 
 
 def shown(value: object, limit: int = 64) -> str:

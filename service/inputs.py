@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from service.errors import InvalidInput, PayloadTooLarge
+from service.long_input import Direction, Policy
 from service.settings import ServiceSettings
-from service.tokenization import Direction
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +41,19 @@ class Inputs:
 
 @dataclass(frozen=True, slots=True)
 class InferOptions:
-    truncate: bool = False  # cut inputs longer than the model's max_seq_len instead of refusing them
+    """What a request asks for beyond its inputs; None leaves it to the model's manifest, then the settings."""
+
+    long_input: Policy | None = None  # error | truncate | window (service/long_input.py)
+    # TEI's and KServe's `truncate` flag: true is long_input "truncate", false is "error"; long_input wins.
+    truncate: bool | None = None
     direction: Direction = "right"  # which end truncation cuts
+    prompt_name: str | None = None  # a sentence-transformers prompt of the model, put before each text
+
+    @property
+    def policy(self) -> Policy | None:
+        if self.long_input is not None:
+            return self.long_input
+        return None if self.truncate is None else ("truncate" if self.truncate else "error")
 
 
 def check(inputs: Inputs, settings: ServiceSettings) -> None:

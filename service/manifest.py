@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from service.long_input import Policy
 from service.strict import StrictModel
 
 SCHEMA_VERSION = 1
@@ -166,6 +167,14 @@ class Manifest(StrictModel):
     pooling: Pooling | None = None
     normalize: bool = False
     labels: list[str] | None = None
+    # Inputs longer than max_seq_len (service/long_input.py): this model's own policy and window
+    # overlap, or None for the server's settings.
+    long_input: Policy | None = None
+    window_overlap: int | None = Field(None, ge=0)
+    # sentence-transformers prompts from the checkpoint (config_sentence_transformers.json): name to the
+    # text put before an input; the default one applies when a request names none.
+    prompts: dict[str, str] = Field(default_factory=dict)
+    default_prompt_name: str | None = None
     # Calibration for int8/uint8 embeddings; absent in manifests built before it existed.
     embedding_ranges: EmbeddingRanges | None = None
     files: dict[str, FileEntry]
@@ -183,6 +192,8 @@ class Manifest(StrictModel):
             if len(self.embedding_ranges.min) != self.embedding_dim:
                 raise ValueError(f"embedding_ranges cover {len(self.embedding_ranges.min)} dimensions, "
                                  f"embedding_dim is {self.embedding_dim}")
+        if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
+            raise ValueError(f"default_prompt_name {self.default_prompt_name!r} is not one of the prompts")
         return self
 
     def to_json(self) -> str:

@@ -1,4 +1,4 @@
-"""Prometheus metrics: one collector registry per app, fed by the HTTP layer and the batchers' events.
+"""Prometheus metrics: one collector registry per app, fed by the HTTP and gRPC layers and the batchers' events.
 
 Labels come from the server's own vocabulary only (loaded model names, route templates, status codes,
 rejection reasons), never from a request body: an unknown model a client names is counted as ``none``,
@@ -48,11 +48,16 @@ class ServiceMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self._request_children: dict[tuple, tuple] = {}
-        self.requests = Counter("bertserve_requests", "HTTP requests answered, by model, route template and "
-                                "status code", ["model", "route", "code"], registry=r)
+        # (route, protocol) of the inference routes whose request series exist per model from start-up.
+        self._inference_routes = [(route, "http") for route in routes.INFERENCE]
+        # gRPC calls count here too: route is then the RPC method (ModelInfer), and code the HTTP status
+        # the same outcome has over HTTP (200, 404, 429, 499, ...), so one query covers both protocols.
+        self.requests = Counter("bertserve_requests", "Requests answered, by model, route template (gRPC: "
+                                "the method), status code (gRPC: the HTTP status of the same outcome) and "
+                                "protocol (http, grpc)", ["model", "route", "code", "protocol"], registry=r)
         self.request_duration = Histogram("bertserve_request_duration_seconds", "Time from request start to the "
-                                          "end of the response, by model and route template", ["model", "route"],
-                                          buckets=LATENCY_BUCKETS, registry=r)
+                                          "end of the response, by model, route template and protocol",
+                                          ["model", "route", "protocol"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("bertserve_queue_wait_seconds", "Time an item waited in its model's queue "
                                     "before its batch started", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.tokenization = Histogram("bertserve_tokenization_seconds", "Tokenization time per request",
@@ -81,22 +86,27 @@ class ServiceMetrics:
 
     # ------------------------------------------------------------- wiring
 
+    def add_inference_routes(self, protocol: str, names: tuple[str, ...]) -> None:
+        """Inference routes of another protocol (gRPC's ModelInfer) whose series exist from start-up;
+        before ``attach``."""
+        self._inference_routes += [(name, protocol) for name in names]
+
     def attach(self, model_registry) -> None:
         """Read model state from ``model_registry`` at every scrape; create every per-model series now."""
         self._model_state.model_registry = model_registry
         model_registry.subscribe(self.on_event)
         for name in model_registry.names():
             self.init_model(name)
-        for route in routes.INFERENCE:  # the templates requests later count into
-            self.request_duration.labels(NO_MODEL, route)
-            self.requests.labels(NO_MODEL, route, "200")
+        for route, protocol in self._inference_routes:  # the templates requests later count into
+            self.request_duration.labels(NO_MODEL, route, protocol)
+            self.requests.labels(NO_MODEL, route, "200", protocol)
         for reason in REJECTION_REASONS:
             self.rejections.labels(NO_MODEL, reason)
 
     def init_model(self, name: str) -> None:
-        for route in routes.INFERENCE:  # the templates requests later count into
-            self.requests.labels(name, route, "200")
-            self.request_duration.labels(name, route)
+        for route, protocol in self._inference_routes:  # the templates requests later count into
+            self.requests.labels(name, route, "200", protocol)
+            self.request_duration.labels(name, route, protocol)
         for metric in (self.queue_wait, self.tokenization, self.inference, self.batch_size, self.batch_tokens,
                        self.padding_ratio, self.input_tokens, self.inference_errors, self.stalled_batches):
             metric.labels(name)
@@ -129,16 +139,17 @@ class ServiceMetrics:
             self.observe_tokenization(model, data["seconds"], data["tokens"])
 
     def observe_request(self, model: str | None, route: str, status: int, seconds: float,
-                        error_type: str | None) -> None:
+                        error_type: str | None, protocol: str = "http") -> None:
         # Every request passes here, refusals under overload too (hundreds a second): the label
-        # children are looked up once per (model, route, status, reason) and kept, since
+        # children are looked up once per (model, route, status, reason, protocol) and kept, since
         # prometheus_client's ``labels()`` validates and locks on every call.
-        key = (model, route, status, error_type)
+        key = (model, route, status, error_type, protocol)
         children = self._request_children.get(key)
         if children is None:
             name = model or NO_MODEL
             reason = _REASON_BY_ERROR_TYPE.get(error_type or "")
-            children = (self.requests.labels(name, route, str(status)), self.request_duration.labels(name, route),
+            children = (self.requests.labels(name, route, str(status), protocol),
+                        self.request_duration.labels(name, route, protocol),
                         self.rejections.labels(name, reason) if reason is not None else None)
             if len(self._request_children) < 10_000:  # label values are bounded; this is a backstop
                 self._request_children[key] = children

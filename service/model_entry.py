@@ -1,4 +1,5 @@
-"""One loaded model version and its entry points: ``embed``, ``classify``, ``infer`` and ``tokenize``.
+"""One loaded model version and its entry points: ``embed``, ``classify``, ``infer``, ``tokenize``
+and ``decode``.
 
 Routes translate their API into ``Inputs`` and ``InferOptions`` and call one of these; everything
 between is decided here, once, in this order: the task, the input limits (service/inputs.py), admission
@@ -22,11 +23,13 @@ import numpy as np
 from service.backends.base import Backend
 from service.batching.batcher import Batcher
 from service.context import RequestContext
-from service.errors import ClientDisconnected, InvalidInput
+from service.errors import ClientDisconnected, InvalidInput, shown
 from service.inputs import InferOptions, Inputs, check
+from service.long_input import LongInput
 from service.manifest import Manifest
 from service.settings import ServiceSettings
-from service.tokenization import Encoded, TextTokenizer, check_token_total
+from service.tokenization import Encoded, Encoding, TextTokenizer, check_token_total
+from service.tokenization import id_total
 from service.tracing import annotate_request
 
 # Requests with less text (characters, or token ids) than this are tokenized on the event loop; larger
@@ -155,9 +158,11 @@ class ModelEntry:
         return await self.infer(inputs, options, call)
 
     async def infer(self, inputs: Inputs, options: InferOptions, call: Call) -> Inferred:
-        """The model's output rows whatever its task (KServe answers both)."""
-        encoded, tokens = await self._encode(inputs, options, call)
-        return Inferred(await self._submit(encoded, call), tokens)
+        """The model's output rows whatever its task (KServe answers both): one per input, an input
+        split into windows getting the weighted mean of its windows' rows."""
+        encoding, tokens = await self._encode(inputs, options, call)
+        rows = await self._submit(encoding.items, call)
+        return Inferred(encoding.combine(rows, normalize=self.manifest.normalize), tokens)
 
     async def tokenize(self, texts: list[str], add_special_tokens: bool, compact: bool, call: Call,
                        field: str = "inputs") -> bytes:
@@ -168,6 +173,21 @@ class ModelEntry:
         self._admit(len(inputs), call)
         return await self.runtime.off_loop(inputs.size, self.tokenizer.tokenize, texts, add_special_tokens,
                                            compact, self.runtime.settings.max_tokens_per_request, field)
+
+    async def decode(self, sequences: list, skip_special_tokens: bool, call: Call, field: str = "ids",
+                     single: bool = False) -> list[str]:
+        """/decode's texts, one per token-id sequence. Checked and admitted like ``tokenize``: the number
+        of sequences (service/inputs.py) and the ids in all (the token cap) before a ticket, then decoding
+        (off the event loop when large), where every id is range-checked. ``single``: the one sequence
+        was sent bare (error messages name ``ids[j]``)."""
+        settings = self.runtime.settings
+        inputs = Inputs.of_ids(sequences, field)
+        check(inputs, settings)
+        size = id_total(sequences, field)
+        check_token_total(size, settings.max_tokens_per_request, field)
+        self._admit(len(inputs), call)
+        return await self.runtime.off_loop(size, self.tokenizer.decode, sequences, skip_special_tokens, field,
+                                           single)
 
     # ------------------------------------------------------------ the steps
 
@@ -189,25 +209,50 @@ class ModelEntry:
             held.release()  # the door's ticket was for another model's queue
         call.context.ticket = ticket
 
-    async def _encode(self, inputs: Inputs, options: InferOptions, call: Call) -> tuple[list[Encoded], int]:
-        """The inputs tokenized, and their tokens in all."""
+    def long_input(self, options: InferOptions) -> LongInput:
+        """The request's rule for inputs longer than max_seq_len: its own policy, else the model's
+        (manifest), else the server's (settings)."""
+        settings, manifest = self.runtime.settings, self.manifest
+        overlap = manifest.window_overlap if manifest.window_overlap is not None else settings.window_overlap
+        return LongInput(options.policy or manifest.long_input or settings.long_input, options.direction,
+                         overlap, settings.max_windows_per_input)
+
+    def prompt(self, name: str | None) -> str | None:
+        """The text of the model's prompt ``name`` (its default prompt when None, if it has one)."""
+        manifest = self.manifest
+        if name is None:
+            return manifest.prompts.get(manifest.default_prompt_name) if manifest.default_prompt_name else None
+        if not manifest.prompts:
+            raise InvalidInput(f"prompt_name {shown(name)}: model {self.name!r} has no prompts")
+        if name not in manifest.prompts:
+            raise InvalidInput(f"prompt_name {shown(name)} is not a prompt of model {self.name!r}; it has: "
+                               f"{', '.join(sorted(manifest.prompts))}")
+        return manifest.prompts[name]
+
+    async def _encode(self, inputs: Inputs, options: InferOptions, call: Call) -> tuple[Encoding, int]:
+        """The inputs tokenized under the request's long-input rule, and their tokens in all."""
         settings = self.runtime.settings
         check(inputs, settings)
+        rule = self.long_input(options)
+        if inputs.texts is not None:
+            encode, args = self.tokenizer.encode, (list(inputs.texts), rule, inputs.field,
+                                                   self.prompt(options.prompt_name))
+        elif options.prompt_name is not None:
+            raise InvalidInput("prompt_name applies to texts; token ids are sent as they are")
+        else:
+            encode, args = self.tokenizer.encode_token_ids, (inputs.ids, rule, inputs.field)
         self._admit(len(inputs), call)
         began = time.perf_counter()
-        if inputs.texts is not None:
-            encode, source = self.tokenizer.encode_texts, list(inputs.texts)
-        else:
-            encode, source = self.tokenizer.encode_ids, inputs.ids
-        encoded = await self.runtime.off_loop(inputs.size, encode, source, options.truncate, options.direction,
-                                              inputs.field)
-        tokens = sum(len(e) for e in encoded)
+        encoding = await self.runtime.off_loop(inputs.size, encode, *args)
+        if len(encoding.items) > len(inputs):
+            self._admit(len(encoding.items), call)  # each window is an item of the queue
+        tokens = sum(len(e) for e in encoding.items)
         check_token_total(tokens, settings.max_tokens_per_request, inputs.field)
         seconds = time.perf_counter() - began
         timing = call.context.timing
         timing.tokenization_s = (timing.tokenization_s or 0.0) + seconds
         self.runtime.emit("tokenized", {"model": self.name, "seconds": seconds, "tokens": tokens})
-        return encoded, tokens
+        return encoding, tokens
 
     async def _submit(self, encoded: list[Encoded], call: Call) -> np.ndarray:
         """Rows of the model output for each encoded input, in order; batched with other requests.

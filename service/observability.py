@@ -1,5 +1,8 @@
 """Per-request observation: Prometheus request metrics, the request id and timing headers, and one JSON access-log line.
 
+``record`` is the one place a finished request is counted and logged; gRPC calls reach it from
+service/api/grpc_service.py.
+
 A pure ASGI middleware, outermost, so that it also sees the answers RequestGuard gives on its own (413
 for an oversized body). Its first call makes the request's context (service/context.py); at the end it
 reads what the inner layers wrote there: the model the request resolved to, the error it was answered
@@ -31,6 +34,8 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before
 # Timing headers in milliseconds, named as text-embeddings-inference names them; the fields of Timing.
 _TIMING_HEADERS = (("tokenization_s", b"x-tokenization-time"), ("queue_s", b"x-queue-time"),
                    ("infer_s", b"x-inference-time"))
+# Every header this layer puts on an answer: what CORS lets browser code read (service/cors.py).
+RESPONSE_HEADERS = (REQUEST_ID_HEADER_BYTES.decode(), "x-total-time", *(name.decode() for _, name in _TIMING_HEADERS))
 
 
 def route_template(scope: Scope) -> str:
@@ -83,22 +88,31 @@ class RequestObserver:
                 # Counted as nginx counts it (499), never as a server error: nobody is left to answer.
                 status = CLIENT_CLOSED_REQUEST
                 ctx.error_type = "client_disconnected"
-            seconds = time.perf_counter() - started
             route = route_template(scope)
-            model = ctx.model
-            try:
-                self.metrics.observe_request(model, route, status, seconds, ctx.error_type)
-            except Exception:  # noqa: BLE001 - metrics must never break serving
-                access_log.exception("recording request metrics failed")
-            if route not in routes.PROBES and access_log.isEnabledFor(logging.INFO):
-                if ctx.error_type == "overloaded":
-                    self.refusals.note(model, route)
-                else:
-                    access_log.info("request", extra={"fields": {
-                        "request_id": ctx.request_id, "method": scope.get("method"), "route": route,
-                        "model": model, "status": status, "duration_ms": round(seconds * 1000, 2),
-                        "error_type": ctx.error_type,
-                    }})
+            record(self.metrics, self.refusals, ctx, "http", scope.get("method"), route, status,
+                   time.perf_counter() - started, probe=route in routes.PROBES)
+
+
+def record(metrics: ServiceMetrics, refusals: "RefusalLog", ctx: context.RequestContext, protocol: str,
+           method: str | None, route: str, status: int, seconds: float, probe: bool, **fields) -> None:
+    """A finished request in the request metrics and the access log, whichever protocol carried it
+    (the gRPC service calls this too): ``status`` is its HTTP status, or the HTTP status of the same
+    outcome; ``fields`` go on its log line. Probes stay out of the log; overload refusals are summed
+    by ``refusals``."""
+    model = ctx.model
+    try:
+        metrics.observe_request(model, route, status, seconds, ctx.error_type, protocol)
+    except Exception:  # noqa: BLE001 - metrics must never break serving
+        access_log.exception("recording request metrics failed")
+    if not probe and access_log.isEnabledFor(logging.INFO):
+        if ctx.error_type == "overloaded":
+            refusals.note(model, route)
+        else:
+            access_log.info("request", extra={"fields": {
+                "request_id": ctx.request_id, "protocol": protocol, "method": method, "route": route,
+                "model": model, "status": status, "duration_ms": round(seconds * 1000, 2),
+                "error_type": ctx.error_type, **fields,
+            }})
 
 
 class RefusalLog:

@@ -8,6 +8,7 @@ OPENAI_EMBEDDINGS = "/v1/embeddings"
 TEI_EMBED = "/embed"
 TEI_PREDICT = "/predict"
 TEI_TOKENIZE = "/tokenize"
+TEI_DECODE = "/decode"
 TEI_HEALTH = "/health"
 KSERVE_LIVE = "/v2/health/live"
 KSERVE_READY = "/v2/health/ready"
@@ -17,9 +18,9 @@ METRICS = "/metrics"
 REPOSITORY_PREFIX = "/v2/repository"  # the model repository routes, behind the admin key
 
 # Routes whose model is named in the JSON body ("model", or the default model when absent), with its
-# inputs under "input" or "inputs": the door reads those two fields to shed them. /tokenize does no
-# inference, but tokenizing a large request costs a core as inference does.
-BODY_NAMED = frozenset({OPENAI_EMBEDDINGS, TEI_EMBED, TEI_PREDICT, TEI_TOKENIZE})
+# inputs under "input", "inputs" or "ids" (/decode): the door reads those fields to shed them. /tokenize
+# and /decode do no inference, but tokenizing (or decoding) a large request costs a core as inference does.
+BODY_NAMED = frozenset({OPENAI_EMBEDDINGS, TEI_EMBED, TEI_PREDICT, TEI_TOKENIZE, TEI_DECODE})
 # Inference routes whose request series exist per model from start-up (the others appear when used).
 INFERENCE = (OPENAI_EMBEDDINGS, TEI_EMBED, TEI_PREDICT, KSERVE_INFER, KSERVE_VERSION_INFER)
 # Probes and scrapes: machines asking every few seconds, kept out of the access log.

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.long_input import Policy
 
 
 class ServiceSettings(BaseSettings):
@@ -25,6 +28,9 @@ class ServiceSettings(BaseSettings):
     store_poll_interval_s: float = Field(0.0, ge=0, le=86400)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # The KServe v2 gRPC service (service/api/grpc_service.py) on this port, on the same host, beside
+    # HTTP: same models and batchers. Off when unset; needs the grpc extra (grpcio, tritonclient[grpc]).
+    grpc_port: int | None = Field(None, ge=1, le=65535)
     device: Literal["cpu", "cuda"] = "cpu"
 
     # Backends
@@ -83,6 +89,14 @@ class ServiceSettings(BaseSettings):
     # answer. 256 texts of 512 tokens fit; /tokenize of megabytes of text does not.
     max_tokens_per_request: int = Field(131_072, ge=1)
     tokenizer_threads: int = Field(2, ge=1, le=64)
+    # Inputs longer than a model's max_seq_len (service/long_input.py): error (422), truncate (from the
+    # right; a request may cut from the left), or window (split into overlapping windows of max_seq_len
+    # tokens whose outputs are averaged, weighted by new tokens). A model's manifest may name its own
+    # policy, and a request may ask for another.
+    long_input: Policy = "error"
+    window_overlap: int = Field(32, ge=0, le=8192)  # tokens each window shares with the one before it
+    # Windows per input (413 beyond): with the character and token caps, bounds one long document's work.
+    max_windows_per_input: int = Field(16, ge=1, le=4096)
 
     # Access control (service/auth.py). Comma-separated keys for `Authorization: Bearer KEY` on the
     # inference and metadata routes; empty = open. Secrets: never logged, masked in dumps.
@@ -92,6 +106,12 @@ class ServiceSettings(BaseSettings):
     # Health, readiness and /metrics stay open for probes and scrapers even when API keys are set.
     open_health_and_metrics: bool = True
 
+    # CORS for browser apps on other origins (service/cors.py): comma-separated origins, each
+    # scheme://host[:port] as browsers send it, or "*" for any; empty = off (no Access-Control-* headers).
+    cors_origins: str = ""
+    # Access-Control-Allow-Credentials: browsers may send cookies and HTTP auth along. Refused with "*".
+    cors_allow_credentials: bool = False
+
     log_level: str = "info"
     log_format: Literal["json", "text"] = "json"  # json: one object per line, for log shippers
     access_log: bool = True  # one line per request: id, method, route, model, status, duration; never text
@@ -100,6 +120,8 @@ class ServiceSettings(BaseSettings):
     def _check(self) -> "ServiceSettings":
         if self.max_padding_ratio is not None and 0 < self.max_padding_ratio < 1:
             raise ValueError("max_padding_ratio is padded/real tokens: 0 (no limit) or at least 1")
+        if self.grpc_port is not None and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port is {self.grpc_port}, the HTTP port too; gRPC needs a port of its own")
         return self
 
     @property
@@ -130,6 +152,25 @@ class ServiceSettings(BaseSettings):
     def solo_threads(self) -> int:
         """Threads of the solo sessions; not above ``threads`` means none are made."""
         return self.solo_batch_threads or available_cores()
+
+    # ------------------------------------------------------------ CORS
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @model_validator(mode="after")
+    def _check_cors(self) -> "ServiceSettings":
+        origins = self.cors_origin_list
+        for origin in origins:
+            # An origin is what a browser sends in Origin: a path or a trailing slash would never match.
+            if origin != "*" and not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+", origin):
+                raise ValueError(f"BERTSERVE_CORS_ORIGINS: {origin[:100]!r} is not an origin; write each as "
+                                 f"scheme://host[:port] with no path (https://app.example.com), or '*'")
+        if "*" in origins and self.cors_allow_credentials:
+            raise ValueError("BERTSERVE_CORS_ORIGINS='*' with BERTSERVE_CORS_ALLOW_CREDENTIALS=true is refused, as "
+                             "browsers refuse it: name the origins that may send credentials")
+        return self
 
 
 def available_cores(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:

@@ -102,7 +102,7 @@ class LoadShedder:
             if not isinstance(doc, dict) or not isinstance(doc.get("model", ""), (str, type(None))):
                 return None, 0
             name, version = doc.get("model") or None, None
-            inputs = doc.get("input", doc.get("inputs"))
+            inputs = doc.get("input", doc.get("inputs", doc.get("ids")))  # ids: /decode
             # A list of texts or of token-id lists is one input each; a text or one id list is one.
             if isinstance(inputs, list) and inputs and isinstance(inputs[0], (str, list)):
                 items = len(inputs)

@@ -64,9 +64,11 @@ def save_tiny_bert(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def save_sentence_transformers_files(path: Path, pooling: dict, max_seq_length: int | None = None) -> None:
+def save_sentence_transformers_files(path: Path, pooling: dict, max_seq_length: int | None = None,
+                                     prompts: dict[str, str] | None = None,
+                                     default_prompt_name: str | None = None) -> None:
     """modules.json (Transformer, Pooling, Normalize) and the pooling config, as sentence-transformers
-    lays a model out; the build reads pooling, normalization and the length from them."""
+    lays a model out; the build reads pooling, normalization, the length and the prompts from them."""
     (path / "modules.json").write_text(json.dumps([
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -77,6 +79,9 @@ def save_sentence_transformers_files(path: Path, pooling: dict, max_seq_length: 
     if max_seq_length is not None:
         (path / "sentence_bert_config.json").write_text(
             json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}))
+    if prompts is not None:
+        (path / "config_sentence_transformers.json").write_text(
+            json.dumps({"prompts": prompts, "default_prompt_name": default_prompt_name}))
 
 
 def save_tiny_classifier(path: Path, labels: list[str], seed: int = 1) -> Path:

@@ -1,4 +1,6 @@
-"""The one place where errors become HTTP responses: {"error": {"type", "message"}} plus a request id."""
+"""The one place where errors become HTTP responses: {"error": {"type", "message"}} plus a request id;
+and the table that gives the same errors their gRPC status codes (the gRPC service,
+service/api/grpc_service.py, answers with the code and the same message)."""
 
 from __future__ import annotations
 
@@ -41,12 +43,31 @@ ERROR_RESPONSES: dict = {code: {"model": ErrorBody, "description": what} for cod
 MAX_MESSAGE_CHARS = 1024
 
 
+# gRPC status codes (grpc.StatusCode names) of our errors, by the HTTP status they answer with; a few
+# error types first, where the HTTP status is shared with errors gRPC tells apart. Choices: 413 is
+# RESOURCE_EXHAUSTED, the code gRPC itself gives a message over its size limit; 429 (overloaded) is
+# UNAVAILABLE, as Triton answers overload and as gRPC clients' retry policies expect (a request that
+# may succeed if sent again later, with a retry-after trailer); a timeout is DEADLINE_EXCEEDED.
+GRPC_STATUS_BY_TYPE = {"timeout": "DEADLINE_EXCEEDED", "client_disconnected": "CANCELLED",
+                       "not_implemented": "UNIMPLEMENTED"}
+GRPC_STATUS_BY_HTTP = {
+    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+    413: "RESOURCE_EXHAUSTED", 422: "INVALID_ARGUMENT", 429: "UNAVAILABLE", 499: "CANCELLED",
+    503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+}  # anything else (500: a backend failed, an unexpected exception): INTERNAL
+
+
+def grpc_status(status: int, type_: str) -> str:
+    """The gRPC status code name of an error answered over HTTP with ``status`` and ``type_``."""
+    return GRPC_STATUS_BY_TYPE.get(type_) or GRPC_STATUS_BY_HTTP.get(status, "INTERNAL")
+
+
 def request_id(request: Request) -> str:
     """The request's id (from the client's X-Request-Id or fresh; service/context.py)."""
     return context.of(request.scope).request_id
 
 
-def _printable(message: str) -> str:
+def printable(message: str) -> str:
     """The message as UTF-8 can carry it, at most MAX_MESSAGE_CHARS long. Client text quoted in it may
     hold unpaired UTF-16 surrogates (JSON's "\\ud800" escape decodes to one), which UTF-8 cannot
     encode: orjson would refuse the whole body and turn a 4xx into a 500. They are written as escapes."""
@@ -60,7 +81,7 @@ def error_response(request: Request, status: int, type_: str, message: str,
     ctx = context.of(request.scope)
     rid = ctx.request_id
     ctx.error_type = type_  # for the request metrics and the access log
-    body = {"error": {"type": type_, "message": _printable(message), "request_id": rid}}
+    body = {"error": {"type": type_, "message": printable(message), "request_id": rid}}
     return FastJSONResponse(body, status_code=status, headers={**(headers or {}), REQUEST_ID_HEADER: rid})
 
 

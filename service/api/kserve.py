@@ -3,15 +3,14 @@
 A model takes either one BYTES tensor of texts, which the server tokenizes, or INT64 ``input_ids`` with an
 optional right-padding ``attention_mask``, and returns FP32 tensors: ``embedding`` for embedding models,
 ``logits`` and ``probabilities`` for classifiers. The binary tensor data extension is supported both ways.
+What the protocol means apart from HTTP (tensors, parameters, outputs, metadata) is service/api/oip.py's,
+shared with the gRPC service (service/api/grpc_service.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-import struct
-from dataclasses import dataclass
 from typing import Any, Annotated, Callable, Coroutine, Literal
 
 import numpy as np
@@ -21,25 +20,16 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service import routes
+from service.api import oip
 from service.api.common import call, model_entry, off_loop, state
 from service.api.errors import ERROR_RESPONSES
-from service.errors import InvalidInput, ModelNotFound, PayloadTooLarge, shown
-from service.inputs import InferOptions, Inputs, unpaired_surrogate
+from service.api.oip import INT64_MAX, MAX_RANK
+from service.errors import InvalidInput, shown
+from service.inputs import unpaired_surrogate
 from service.model_entry import ModelEntry
-from service.outputs import softmax
 from service.strict import StrictModel
 
 BINARY_HEADER = "Inference-Header-Content-Length"
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-# Triton's platform names, so tools that key on them recognise the model.
-PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
-
-# The protocol's dimensions and integer parameters are int64. JSON allows any integer (10**400), and
-# Python computes with it until a float conversion overflows or a product outgrows str(): bounded here,
-# where they enter, so that shape arithmetic and the messages quoting it stay small.
-INT64_MAX = 2**63 - 1
-# No model here takes more than 2 dimensions; the routes say so with a clearer message than this bound's.
-MAX_RANK = 8
 Dim = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 
@@ -62,7 +52,10 @@ class RequestOutput(StrictModel):
 class InferenceRequest(StrictModel):
     id: str | None = None
     parameters: dict[str, Any] | None = Field(
-        None, description="truncate (bool, default false), binary_data_output (bool), timeout (microseconds)")
+        None, description="long_input (error | truncate | window; default: the model's, else BERTSERVE_LONG_INPUT), "
+                          "truncate (bool: true is long_input truncate, false is error), truncation_direction "
+                          "(right | left), prompt_name (a sentence-transformers prompt of the model), "
+                          "binary_data_output (bool), timeout (microseconds)")
     inputs: list[RequestInput]
     outputs: list[RequestOutput] | None = Field(None, description="outputs to return; all when omitted")
 
@@ -180,51 +173,20 @@ router = APIRouter(tags=["KServe v2"], responses=ERROR_RESPONSES)
 # ------------------------------------------------------------------ metadata and health
 
 
-def _version_number(model: str, version: str) -> int:
-    if not re.fullmatch(r"[0-9]{1,9}", version):
-        raise ModelNotFound(f"model {model!r} has no version {version!r}; versions are integers")
-    return int(version)
-
-
 def _entry(request: Request, model: str, version: str | None) -> ModelEntry:
-    number = None if version is None else _version_number(model, version)
+    number = None if version is None else oip.version_number(model, version)
     return model_entry(request, model, number)
 
 
-def _output_names(entry: ModelEntry) -> list[str]:
-    return ["embedding"] if entry.manifest.task == "embedding" else ["logits", "probabilities"]
-
-
-def _output_width(entry: ModelEntry) -> int:
-    m = entry.manifest
-    width = m.embedding_dim if m.task == "embedding" else (len(m.labels) if m.labels else None)
-    if width is None and m.outputs and isinstance(m.outputs[0].shape[-1], int):
-        width = m.outputs[0].shape[-1]
-    return width if width is not None else -1
-
-
 def _metadata(request: Request, entry: ModelEntry) -> dict:
-    registry = state(request).registry
-    versions = sorted(e.version for (n, _), e in registry.entries.items() if n == entry.name and e.ready)
-    token_inputs = [n for n in TOKEN_INPUTS if n != "token_type_ids" or n in entry.input_names]
-    width = _output_width(entry)
-    return {
-        "name": entry.name,
-        "versions": [str(v) for v in versions],
-        "platform": PLATFORMS.get(entry.manifest.format, entry.manifest.format),
-        "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
-        + [{"name": n, "datatype": "INT64", "shape": [-1, -1]} for n in token_inputs],
-        "outputs": [{"name": n, "datatype": "FP32", "shape": [-1, width]} for n in _output_names(entry)],
-    }
+    return oip.metadata(state(request).registry, entry)
 
 
 @router.get("/v2", response_model=ServerMetadata)
 async def server_metadata(request: Request) -> dict:
-    extensions = ["binary_tensor_data"]
-    if state(request).settings.admin_secret:
-        # Advertised only where it answers: without an admin key the repository routes are off (403).
-        extensions.append("model_repository")
-    return {"name": "bertserve", "version": state(request).version, "extensions": extensions}
+    # The repository is advertised only where it answers: without an admin key its routes are off (403).
+    return {"name": "bertserve", "version": state(request).version,
+            "extensions": oip.extensions(bool(state(request).settings.admin_secret))}
 
 
 @router.get(routes.KSERVE_LIVE)
@@ -263,14 +225,6 @@ async def model_version_ready(model: str, version: str, request: Request) -> dic
 # ------------------------------------------------------------------ decoding inputs
 
 
-@dataclass
-class _Tensor:
-    name: str
-    datatype: str
-    shape: list[int]
-    values: Any  # list[str] for BYTES, flat int64 ndarray for INT64
-
-
 def _flatten(data: list) -> list:
     # Iterative: nested lists arrive from JSON already bounded, but recursion depth is not ours to spend.
     flat, stack = [], [iter(data)]
@@ -285,29 +239,12 @@ def _flatten(data: list) -> list:
     return flat
 
 
-def _split_bytes(name: str, raw: bytes) -> list[str]:
-    """BYTES binary data: each element is a little-endian uint32 length followed by its bytes."""
-    texts, offset = [], 0
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise InvalidInput(f"{name}: binary BYTES data ends inside an element's 4-byte length")
-        (size,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + size > len(raw):
-            raise InvalidInput(f"{name}: binary BYTES element {len(texts)} claims {size} bytes past the end")
-        try:
-            texts.append(raw[offset: offset + size].decode("utf-8"))
-        except UnicodeDecodeError:
-            raise InvalidInput(f"{name}[{len(texts)}] is not valid UTF-8 text") from None
-        offset += size
-    return texts
-
-
-def _decode(inp: RequestInput, raw: bytes | None) -> _Tensor:
+def _decode(inp: RequestInput, raw: bytes | None) -> oip.Tensor:
+    """One JSON input tensor: its ``data`` (flat or nested), or ``raw``, its binary data."""
     name, datatype = inp.name, inp.datatype
     if datatype == "BYTES":
         if raw is not None:
-            values: Any = _split_bytes(name, raw)
+            values: Any = oip.split_bytes(name, raw)
         else:
             values = _flatten(inp.data)
             bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
@@ -315,9 +252,7 @@ def _decode(inp: RequestInput, raw: bytes | None) -> _Tensor:
                 raise InvalidInput(f"{name}: BYTES data must be strings; item {bad} is {type(values[bad]).__name__}")
     elif datatype == "INT64":
         if raw is not None:
-            if len(raw) % 8:
-                raise InvalidInput(f"{name}: {len(raw)} bytes of INT64 data is not a whole number of 8-byte values")
-            values = np.frombuffer(raw, dtype="<i8").astype(np.int64)
+            values = oip.int64_from_bytes(name, raw)
         else:
             flat = _flatten(inp.data)
             # bool is an int to Python but not a token id; floats would be silently truncated by numpy.
@@ -329,20 +264,12 @@ def _decode(inp: RequestInput, raw: bytes | None) -> _Tensor:
             except OverflowError:
                 raise InvalidInput(f"{name}: a value does not fit in INT64") from None
     else:
-        raise InvalidInput(f"{name}: datatype {datatype!r} is not supported; send texts as BYTES or token ids "
-                           f"(input_ids, attention_mask, token_type_ids) as INT64")
-    expected = math.prod(inp.shape)
-    if len(values) != expected:
-        raise InvalidInput(f"{name}: shape {inp.shape} holds {expected} values but {len(values)} were sent")
-    return _Tensor(name, datatype, list(inp.shape), values)
+        raise oip.unsupported_datatype(name, datatype)
+    return oip.tensor(name, datatype, inp.shape, values)
 
 
-def _read_inputs(inputs: list[RequestInput], tail: bytes) -> list[_Tensor]:
-    if not inputs:
-        raise InvalidInput("inputs is empty: send one BYTES tensor of texts or an INT64 input_ids tensor")
-    names = [i.name for i in inputs]
-    if len(set(names)) != len(names):
-        raise InvalidInput(f"inputs name the same tensor twice: {names}")
+def _read_inputs(inputs: list[RequestInput], tail: bytes) -> list[oip.Tensor]:
+    oip.check_names([i.name for i in inputs])
     tensors, offset = [], 0
     for inp in inputs:
         params = inp.parameters or {}
@@ -367,100 +294,10 @@ def _read_inputs(inputs: list[RequestInput], tail: bytes) -> list[_Tensor]:
     return tensors
 
 
-def _token_rows(tensors: dict[str, _Tensor], max_rows: int) -> list[list[int]]:
-    """input_ids [N, T] to one id list per row, cut at the attention mask's trailing zeros."""
-    unknown = sorted(set(tensors) - set(TOKEN_INPUTS))
-    if unknown:
-        raise InvalidInput(f"unknown input {unknown[0]!r}; send texts as one BYTES tensor or token ids as "
-                           f"INT64 {', '.join(TOKEN_INPUTS)}")
-    if "input_ids" not in tensors:
-        raise InvalidInput("input_ids is missing: token inputs need an INT64 input_ids tensor of shape [N, T]")
-    ids_t = tensors["input_ids"]
-    if len(ids_t.shape) != 2:
-        raise InvalidInput(f"input_ids must have shape [N, T]; got {ids_t.shape}")
-    for t in tensors.values():
-        if t.shape != ids_t.shape:
-            raise InvalidInput(f"{t.name} has shape {t.shape} but input_ids has {ids_t.shape}; they must match")
-    n, width = ids_t.shape
-    # Counted before any array is shaped: [10**12, 0] and [0, 10**12] hold no values, as many as were
-    # sent, yet a list of the one's rows or a mask as wide as the other's would never be built.
-    if n == 0:
-        return []  # encode_ids answers that the batch is empty
-    if n > max_rows:
-        raise PayloadTooLarge(f"input_ids has {n} items; at most {max_rows} per request")
-    ids = ids_t.values.reshape(n, width)
-    if "token_type_ids" in tensors and tensors["token_type_ids"].values.any():
-        # Every served model is single-sequence; honouring segment ids would need pair inputs end to end.
-        raise InvalidInput("token_type_ids must be all 0: sentence pairs are not supported")
-    if "attention_mask" not in tensors:
-        return ids.tolist()
-    mask = tensors["attention_mask"].values.reshape(n, width)
-    if not np.isin(mask, (0, 1)).all():
-        raise InvalidInput("attention_mask may only hold 0 and 1")
-    lengths = mask.sum(axis=1)
-    # Right padding only: a row must be ones then zeros, so its real tokens are the first `length`.
-    ragged = np.nonzero((mask != (np.arange(width) < lengths[:, None])).any(axis=1))[0]
-    if len(ragged):
-        raise InvalidInput(f"attention_mask row {ragged[0]} has a 0 before a 1; only right padding "
-                           f"(trailing zeros) is supported")
-    return [ids[i, : lengths[i]].tolist() for i in range(n)]
-
-
-def _inputs(tensors: list[_Tensor], max_rows: int) -> Inputs:
-    """The request's texts (one BYTES tensor) or token-id rows (INT64 input_ids and its companions)."""
-    texts = [t for t in tensors if t.datatype == "BYTES"]
-    if texts:
-        if len(tensors) > 1:
-            raise InvalidInput(f"send either one BYTES tensor of texts or INT64 token ids; got "
-                               f"{', '.join(f'{t.name} ({t.datatype})' for t in tensors)}")
-        text = texts[0]
-        if len(text.shape) not in (1, 2) or (len(text.shape) == 2 and text.shape[1] != 1):
-            raise InvalidInput(f"{text.name} must have shape [N] or [N, 1]; got {text.shape}")
-        return Inputs.of_texts(text.values, text.name)
-    return Inputs.of_ids(_token_rows({t.name: t for t in tensors}, max_rows), "input_ids")
-
-
-# ------------------------------------------------------------------ parameters and outputs
-
-
-def _flag(params: dict[str, Any], key: str, where: str, default: bool = False) -> bool:
-    value = params.get(key, default)
-    if not isinstance(value, bool):
-        raise InvalidInput(f"{where}parameters.{key} must be true or false, got {shown(value)}")
-    return value
-
-
-def _timeout_s(params: dict[str, Any]) -> float | None:
-    """Triton's `timeout` parameter (microseconds); None lets X-Request-Timeout or the setting apply."""
-    value = params.get("timeout")
-    if value is None:
-        return None
-    if type(value) is not int or not 0 < value <= INT64_MAX:
-        # Bounded before the division: a float overflows on an integer such as 10**400, which JSON allows.
-        raise InvalidInput(f"parameters.timeout must be a positive int64 number of microseconds, "
-                           f"got {shown(value)}")
-    return value / 1e6  # common.call caps it at the server's request_timeout_s
-
-
 def _wanted_outputs(entry: ModelEntry, outputs: list[RequestOutput] | None, binary: bool) -> list[tuple[str, bool]]:
     """(name, as binary) of each output to return, in the order asked for."""
-    names = _output_names(entry)
-    if outputs is None:
-        return [(n, binary) for n in names]
-    if not outputs:
-        raise InvalidInput(f"outputs is empty; omit it for all outputs or name some of: {', '.join(names)}")
-    wanted = []
-    for out in outputs:
-        if out.name not in names:
-            raise InvalidInput(f"unknown output {out.name!r}; model {entry.name!r} has: {', '.join(names)}")
-        if any(n == out.name for n, _ in wanted):
-            raise InvalidInput(f"output {out.name!r} is asked for twice")
-        params = out.parameters or {}
-        if "classification" in params or "shared_memory_region" in params:
-            raise InvalidInput(f"output {out.name!r}: the classification and shared memory extensions are "
-                               f"not supported")
-        wanted.append((out.name, _flag(params, "binary_data", f"outputs[{out.name}].", binary)))
-    return wanted
+    requested = None if outputs is None else [(out.name, out.parameters or {}) for out in outputs]
+    return oip.wanted_outputs(entry, requested, binary)
 
 
 def _response(entry: ModelEntry, request_id: str | None, results: dict[str, np.ndarray],
@@ -492,17 +329,15 @@ def _response(entry: ModelEntry, request_id: str | None, results: dict[str, np.n
 async def _infer(request: Request, model: str, version: str | None, body: InferenceRequest) -> Response:
     entry = _entry(request, model, version)
     params = body.parameters or {}
-    truncate = _flag(params, "truncate", "")
-    wanted = _wanted_outputs(entry, body.outputs, _flag(params, "binary_data_output", ""))
-    timeout_s = _timeout_s(params)
+    options = oip.infer_options(params)
+    wanted = _wanted_outputs(entry, body.outputs, oip.flag(params, "binary_data_output"))
+    timeout_s = oip.timeout_s(params)  # common.call caps it at the server's request_timeout_s
     # Decoding a tensor walks every value in Python: off the event loop when the request is large.
     tensors = await off_loop(request, getattr(request, "payload_bytes", 0), _read_inputs, body.inputs,
                              getattr(request, "binary_tail", b""))
-    inputs = _inputs(tensors, state(request).settings.max_inputs_per_request)
-    rows = (await entry.infer(inputs, InferOptions(truncate=truncate), call(request, timeout_s))).rows
-    results = {"embedding": rows} if entry.manifest.task == "embedding" else \
-        {"logits": rows, "probabilities": softmax(rows)}
-    return _response(entry, body.id, results, wanted)
+    inputs = oip.to_inputs(tensors, state(request).settings.max_inputs_per_request)
+    rows = (await entry.infer(inputs, options, call(request, timeout_s))).rows
+    return _response(entry, body.id, oip.results(entry, rows), wanted)
 
 
 _INFER_DOC = dict(

@@ -14,6 +14,7 @@ from service.api.responses import FastJSONResponse
 from service.embedding_types import EmbeddingType
 from service.errors import InvalidInput
 from service.inputs import InferOptions, Inputs
+from service.long_input import Policy
 from service.outputs import check_dimensions, check_embedding_type, encode_base64, quantize_rows, truncate_dimensions
 
 router = APIRouter(tags=["OpenAI"], responses=ERROR_RESPONSES)
@@ -42,6 +43,13 @@ class EmbeddingRequest(BaseModel):
                              "to a byte, the last byte zero-padded when the dimensions are not a multiple of 8. With "
                              "`dimensions`, the first N values are encoded without renormalizing: int8/uint8 of N "
                              "dimensions are the first N values of the full vector's")
+    long_input: Policy | None = Field(
+        None, description="bertserve extension: what happens to an input longer than the model's max_seq_len: "
+                          "error (422), truncate (keep the beginning), or window (embed overlapping windows and "
+                          "average them, weighted by new tokens). Default: the model's, else BERTSERVE_LONG_INPUT")
+    prompt_name: str | None = Field(
+        None, description="bertserve extension: a sentence-transformers prompt of the model (GET /info lists them), "
+                          "put before each text; its tokens count toward max_seq_len")
     user: str | None = None
 
 
@@ -95,7 +103,8 @@ async def create_embeddings(body: EmbeddingRequest, request: Request):
     entry.check_task("embedding")
     check_embedding_type(entry.manifest, body.embedding_type)  # before any inference is spent
     check_dimensions(entry.manifest, body.dimensions)
-    result = await entry.embed(_inputs(body.input), InferOptions(), call(request))
+    options = InferOptions(long_input=body.long_input, prompt_name=body.prompt_name)
+    result = await entry.embed(_inputs(body.input), options, call(request))
     rows = result.rows
     if body.embedding_type == "float":
         rows = truncate_dimensions(rows, body.dimensions, renormalize=True)

@@ -3,13 +3,13 @@
 unload_model send them.
 
 Behind the admin key (service/auth.py answers 403 while none is set, 401 to a wrong one); the work is
-service/reloader.py's. Load and unload answer once done: after a load the new version serves, after an
+service/reloader.py's. The gRPC service's repository RPCs (service/api/grpc_service.py) do the same. Load and unload answer once done: after a load the new version serves, after an
 unload the model's requests get 404 and those it had accepted have been answered.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field, StrictBool
@@ -56,6 +56,15 @@ class RepositoryActionResponse(StrictModel):
     """Empty on success, as Triton answers."""
 
 
+def check_load_parameters(keys: Iterable[str]) -> None:
+    """A load request's parameters: none is supported (the gRPC RepositoryModelLoad checks with this too)."""
+    for key in keys:
+        if key == "config" or key.startswith("file:"):
+            raise InvalidInput(f"parameters.{key[:64]}: overriding a model's configuration or files is not "
+                               f"supported; a model loads as published in the store, with its manifest")
+        raise InvalidInput(f"parameters.{key[:64]}: unknown load parameter; none are supported")
+
+
 @router.post("/v2/repository/index", response_model=list[RepositoryModel])
 async def repository_index(request: Request, body: RepositoryIndexRequest | None = None) -> list[dict]:
     """Every version in the model store or in the server, with its state and the reason for it."""
@@ -69,11 +78,7 @@ async def repository_index(request: Request, body: RepositoryIndexRequest | None
 async def load_model(model: str, request: Request, body: RepositoryLoadRequest | None = None) -> dict:
     """Load, or reload, a model from the store under the version policy: new versions are loaded and
     warmed up before they take traffic, versions the policy drops are drained, then unloaded."""
-    for key in (body.parameters or {}) if body else ():
-        if key == "config" or key.startswith("file:"):
-            raise InvalidInput(f"parameters.{key[:64]}: overriding a model's configuration or files is not "
-                               f"supported; a model loads as published in the store, with its manifest")
-        raise InvalidInput(f"parameters.{key[:64]}: unknown load parameter; none are supported")
+    check_load_parameters((body.parameters or {}) if body else ())
     await state(request).reloader.load(model)
     return {}
 

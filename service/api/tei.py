@@ -1,4 +1,4 @@
-"""text-embeddings-inference-compatible routes: /embed, /predict, /tokenize, /info, /health."""
+"""text-embeddings-inference-compatible routes: /embed, /predict, /tokenize, /decode, /info, /health."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from service.api.responses import FastJSONResponse
 from pydantic import BaseModel, Field
+from pydantic import WithJsonSchema
+from typing import Annotated
 
 from service import routes
 from service.api.common import call, model_entry, state
@@ -15,6 +17,7 @@ from service.api.errors import ERROR_RESPONSES
 from service.embedding_types import EmbeddingType
 from service.errors import InvalidInput, ModelNotFound, NotReady
 from service.inputs import InferOptions, Inputs
+from service.long_input import Policy
 from service.strict import StrictModel
 from service.outputs import check_embedding_type, l2_normalize, quantize_rows, softmax, supported_embedding_types
 
@@ -25,12 +28,24 @@ class _TeiRequest(StrictModel):
     model: str | None = Field(None, description="model name (our extension); the default model when omitted")
 
 
-class EmbedRequest(_TeiRequest):
+_TRUNCATE_DOC = ("cut inputs longer than the model's max_seq_len (true) or refuse them with 422 (false); when "
+                 "omitted, the model's long-input policy applies (BERTSERVE_LONG_INPUT), as TEI's --auto-truncate")
+_LONG_INPUT_DOC = ("bertserve extension: error, truncate, or window (embed overlapping windows of max_seq_len tokens "
+                   "and average them, weighted by new tokens); wins over `truncate`")
+
+
+class _LongInputs(_TeiRequest):
+    truncate: bool | None = Field(None, description=_TRUNCATE_DOC)
+    truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
+    long_input: Policy | None = Field(None, description=_LONG_INPUT_DOC)
+
+
+class EmbedRequest(_LongInputs):
     inputs: Union[str, list[str]]
     normalize: bool = True
-    truncate: bool = False
-    truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
-    prompt_name: str | None = None
+    prompt_name: str | None = Field(None, description="a sentence-transformers prompt of the model (GET /info lists "
+                                                      "them), put before each input; its tokens count toward "
+                                                      "max_seq_len")
     embedding_type: EmbeddingType = Field(
         "float", description="bertserve extension (not in TEI): int8 / uint8 (per-dimension ranges calibrated at "
                              "build time; 422 for a model built without them), binary (int8) / ubinary (uint8), 1 "
@@ -39,11 +54,9 @@ class EmbedRequest(_TeiRequest):
                              "does not apply to them (binary keeps only signs, which normalizing cannot change)")
 
 
-class PredictRequest(_TeiRequest):
+class PredictRequest(_LongInputs):
     inputs: Union[str, list[str], list[list[str]]]
     raw_scores: bool = False
-    truncate: bool = False
-    truncation_direction: Literal["Right", "Left", "right", "left"] = "Right"
 
 
 class TokenizeRequest(_TeiRequest):
@@ -80,15 +93,14 @@ def _texts(inputs) -> list[str]:
 
 
 def _options(body: EmbedRequest | PredictRequest) -> InferOptions:
-    return InferOptions(truncate=body.truncate, direction=body.truncation_direction.lower())
+    return InferOptions(long_input=body.long_input, truncate=body.truncate,
+                        direction=body.truncation_direction.lower(), prompt_name=getattr(body, "prompt_name", None))
 
 
 @router.post(routes.TEI_EMBED, response_model=Union[list[list[float]], list[list[int]]])
 async def embed(body: EmbedRequest, request: Request):
     entry = model_entry(request, body.model)
     entry.check_task("embedding")
-    if body.prompt_name is not None:
-        raise InvalidInput("prompt_name is not supported: this model has no prompts")
     check_embedding_type(entry.manifest, body.embedding_type)
     rows = (await entry.embed(Inputs.of_texts(_texts(body.inputs), "inputs"), _options(body), call(request))).rows
     if body.embedding_type != "float":
@@ -125,6 +137,31 @@ async def tokenize(body: TokenizeRequest, request: Request):
     return Response(answer, media_type="application/json")
 
 
+# ------------------------------------------------------------ /decode
+
+_ID_LIST = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+# Taken as any JSON list and checked by the tokenizer (service/tokenization.py:check_token_ids), so that a
+# bad id (a boolean, a float, a negative or out-of-vocabulary number) is refused with its position named;
+# the schema documents what is accepted.
+TokenIds = Annotated[list, WithJsonSchema({"anyOf": [_ID_LIST, {"type": "array", "items": _ID_LIST}]})]
+
+
+class DecodeRequest(_TeiRequest):
+    ids: TokenIds = Field(description="one list of token ids, or a list of lists of token ids; each id in the "
+                                      "model's vocabulary")
+    skip_special_tokens: bool = True
+
+
+@router.post(routes.TEI_DECODE, response_model=list[str])
+async def decode(body: DecodeRequest, request: Request):
+    """Token ids back to text: one string per id sequence (one for a bare list of ids), as TEI answers."""
+    entry = model_entry(request, body.model)
+    single = not body.ids or not isinstance(body.ids[0], list)
+    texts = await entry.decode([body.ids] if single else body.ids, body.skip_special_tokens,
+                               call(request, timed=False), "ids", single)
+    return FastJSONResponse(texts)
+
+
 @router.get("/info")
 async def info(request: Request, model: str | None = None) -> dict:
     entry = model_entry(request, model)
@@ -140,6 +177,11 @@ async def info(request: Request, model: str | None = None) -> dict:
         "max_concurrent_requests": s.max_queue_items, "tokenization_workers": s.tokenizer_threads,
         "version": state(request).version, "embedding_dim": m.embedding_dim, "normalize": m.normalize,
         "embedding_types": supported_embedding_types(m),  # our extension: what /embed's embedding_type takes
+        # Our extensions: the sentence-transformers prompts prompt_name takes, and how long inputs are treated.
+        "prompts": m.prompts, "default_prompt_name": m.default_prompt_name,
+        "long_input": m.long_input or s.long_input,
+        "window_overlap": m.window_overlap if m.window_overlap is not None else s.window_overlap,
+        "max_windows_per_input": s.max_windows_per_input,
     }
 
 

@@ -44,6 +44,8 @@ TEMPLATES: dict[str, list[dict]] = {
     "/predict": [{"inputs": ["good", "bad"], "model": "clf", "raw_scores": False, "truncate": True,
                   "truncation_direction": "Left"}],
     "/tokenize": [{"inputs": ["hello world"], "add_special_tokens": True, "model": "minilm"}],
+    "/decode": [{"ids": [[101, 7592, 2088, 102], [7592]], "skip_special_tokens": True, "model": "minilm"},
+                {"ids": [101, 7592, 102], "skip_special_tokens": False}],
     "/v2/models/minilm/infer": [
         {"id": "r1", "parameters": {"timeout": 5_000_000, "truncate": True, "binary_data_output": False},
          "inputs": [_text], "outputs": [{"name": "embedding", "parameters": {"binary_data": False}}]},

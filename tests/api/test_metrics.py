@@ -18,8 +18,9 @@ from tests.helpers import make_registry, scrape, value
 def test_every_series_exists_before_the_first_request(client):
     s = scrape(client)
     for model in ("minilm", "clf"):
-        assert value(s, "bertserve_requests_total", model=model, route="/v1/embeddings", code="200") == 0
-        assert value(s, "bertserve_request_duration_seconds_count", model=model, route="/embed") == 0
+        assert value(s, "bertserve_requests_total", model=model, route="/v1/embeddings", code="200",
+                     protocol="http") == 0
+        assert value(s, "bertserve_request_duration_seconds_count", model=model, route="/embed", protocol="http") == 0
         for name in ("bertserve_queue_wait_seconds_count", "bertserve_inference_seconds_count",
                      "bertserve_batch_size_count", "bertserve_batch_tokens_count",
                      "bertserve_batch_padding_ratio_count", "bertserve_tokenization_seconds_count",
@@ -34,7 +35,8 @@ def test_every_series_exists_before_the_first_request(client):
                  provider="cpu") == 1
     # Millisecond resolution at the low end, so p99 of a fast request is readable.
     assert ("bertserve_request_duration_seconds_bucket",
-            tuple(sorted({"model": "minilm", "route": "/v1/embeddings", "le": "0.005"}.items()))) in s
+            tuple(sorted({"model": "minilm", "route": "/v1/embeddings", "protocol": "http",
+                          "le": "0.005"}.items()))) in s
     assert any(name == "process_resident_memory_bytes" for name, _ in s)
 
 
@@ -46,9 +48,11 @@ def test_requests_batches_and_tokens_are_counted(client):
     assert all(r.status_code == 200 for r in answers)
     assert client.post("/embed", json={"inputs": texts}).status_code == 200
     s = scrape(client)
-    assert value(s, "bertserve_requests_total", model="minilm", route="/v1/embeddings", code="200") == 3
-    assert value(s, "bertserve_requests_total", model="minilm", route="/embed", code="200") == 1
-    assert value(s, "bertserve_request_duration_seconds_count", model="minilm", route="/v1/embeddings") == 3
+    assert value(s, "bertserve_requests_total", model="minilm", route="/v1/embeddings", code="200",
+                 protocol="http") == 3
+    assert value(s, "bertserve_requests_total", model="minilm", route="/embed", code="200", protocol="http") == 1
+    assert value(s, "bertserve_request_duration_seconds_count", model="minilm", route="/v1/embeddings",
+                 protocol="http") == 3
     assert value(s, "bertserve_input_tokens_total", model="minilm") == 2 * tokens
     assert value(s, "bertserve_batch_size_sum", model="minilm") == 6  # every item ran in some batch
     assert value(s, "bertserve_queue_wait_seconds_count", model="minilm") == 6
@@ -72,7 +76,7 @@ def test_rejections_by_reason_and_no_label_from_the_body(client):
     assert value(s, "bertserve_rejections_total", model="none", reason="too_large") == 1  # body over the limit
     assert value(s, "bertserve_rejections_total", model="none", reason="invalid") == 1  # wrong JSON type
     assert value(s, "bertserve_rejections_total", model="minilm", reason="invalid") == 1  # empty text
-    assert value(s, "bertserve_requests_total", model="none", route="/v1/embeddings", code="404") == 1
+    assert value(s, "bertserve_requests_total", model="none", route="/v1/embeddings", code="404", protocol="http") == 1
 
 
 def test_overload_timeouts_and_failed_batches_are_counted(tmp_path):
@@ -91,7 +95,8 @@ def test_overload_timeouts_and_failed_batches_are_counted(tmp_path):
     timeouts = value(s, "bertserve_rejections_total", model="minilm", reason="timeout")
     assert timeouts == codes.count(503)
     assert value(s, "bertserve_inference_errors_total", model="minilm") == 1
-    assert value(s, "bertserve_requests_total", model="minilm", route="/v1/embeddings", code="500") == 1
+    assert value(s, "bertserve_requests_total", model="minilm", route="/v1/embeddings", code="500",
+                 protocol="http") == 1
 
 
 def test_failed_load_is_counted_and_not_ready(tmp_path):

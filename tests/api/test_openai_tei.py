@@ -212,7 +212,7 @@ def test_tokenize_info_health(client):
 
 def test_openapi_describes_routes(client):
     schema = client.get("/openapi.json").json()
-    for path in ("/v1/embeddings", "/v1/models", "/embed", "/predict", "/tokenize", "/info", "/health"):
+    for path in ("/v1/embeddings", "/v1/models", "/embed", "/predict", "/tokenize", "/decode", "/info", "/health"):
         assert path in schema["paths"], path
     body = schema["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["$ref"].endswith("EmbeddingRequest")

@@ -161,7 +161,8 @@ def test_saturated_model_is_refused_at_the_door_before_any_route_work(tmp_path, 
         assert 'bertserve_rejections_total{model="minilm",reason="overloaded"} 4.0' in metrics
         # Counted under the route each was for, though refused before routing.
         for route in ("/v1/embeddings", "/embed", "/tokenize", "/v2/models/{model}/infer"):
-            assert f'bertserve_requests_total{{code="429",model="minilm",route="{route}"}} 1.0' in metrics, route
+            series = f'bertserve_requests_total{{code="429",model="minilm",protocol="http",route="{route}"}}'
+            assert f"{series} 1.0" in metrics, route
         assert 'route="unmatched"' not in metrics
         monkeypatch.undo()
         assert client.post("/v1/embeddings", json={"input": "hello"}).status_code == 200

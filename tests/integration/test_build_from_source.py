@@ -31,6 +31,9 @@ TEXTS = ["Oil prices rose sharply on Monday after the cartel agreed to cut outpu
 # ------------------------------------------------------------------ checkpoints, as users have them
 
 
+PROMPTS = {"query": "query: ", "document": ""}
+
+
 def save_embedder(path: Path, seed: int = 0) -> Path:
     """A tiny BERT written by save_pretrained alone: no sentence-transformers files."""
     path.mkdir(parents=True)  # a fresh folder, as a user's checkpoint is
@@ -41,7 +44,7 @@ def save_sentence_transformer(path: Path) -> Path:
     """A tiny BERT laid out as sentence-transformers saves one: CLS pooling, then Normalize, 48 tokens."""
     save_embedder(path, seed=2)
     save_sentence_transformers_files(path, {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False},
-                                     max_seq_length=48)
+                                     max_seq_length=48, prompts=PROMPTS)
     (path / "2_Normalize").mkdir()
     return path
 
@@ -126,6 +129,7 @@ def test_sentence_transformers_files_set_pooling_normalization_and_length(tmp_pa
     variant_dir = tmp_path / "store" / "tiny-st-fp32" / "1"
     manifest = load_verified(variant_dir)
     assert (manifest.pooling, manifest.normalize, manifest.max_seq_len) == ("cls", True, 48)
+    assert manifest.prompts == {"query": "query: "} and manifest.default_prompt_name is None  # empty prompts drop
     assert not (tmp_path / "store" / "tiny-st").exists()
 
     # The served vector is the normalized CLS state, computed here without build_models.
@@ -135,6 +139,21 @@ def test_sentence_transformers_files_set_pooling_normalization_and_length(tmp_pa
         cls = BertModel.from_pretrained(source, add_pooling_layer=False)(**enc).last_hidden_state[:, 0]
     expected = torch.nn.functional.normalize(cls, dim=-1).numpy()
     np.testing.assert_allclose(served(variant_dir, TEXTS), expected, atol=1e-4)
+
+    # A prompt through the server is what sentence-transformers computes with the same prompt.
+    from fastapi.testclient import TestClient
+    from sentence_transformers import SentenceTransformer
+
+    from service.app import create_app
+
+    settings = ServiceSettings(model_store=tmp_path / "store", default_model="tiny-st-fp32", access_log=False)
+    with TestClient(create_app(settings)) as client:
+        answer = client.post("/embed", json={"inputs": TEXTS, "prompt_name": "query"})
+        assert answer.status_code == 200, answer.text
+        info = client.get("/info").json()
+    assert info["prompts"] == {"query": "query: "}
+    st = SentenceTransformer(str(source), device="cpu")
+    np.testing.assert_allclose(np.asarray(answer.json()), st.encode(TEXTS, prompt_name="query"), atol=1e-4)
 
 
 @pytest.mark.parametrize("labels,gates", [

