@@ -172,10 +172,20 @@ def test_official_openai_client(live_server, store):
                                       extra_body={"embedding_type": "ubinary"})
     bits = np.frombuffer(base64.b64decode(packed.data[0].embedding), dtype=np.uint8)
     assert bits.tolist() == np.packbits(want[0] > 0).tolist() and len(bits) == 32 // 8
-    from openai import NotFoundError
+    from openai import NotFoundError, UnprocessableEntityError
 
     with pytest.raises(NotFoundError):
         client.embeddings.create(model="missing", input="x")
+    # A document past max_seq_len: refused by default, windowed when asked through extra_body.
+    story = " ".join(TEXTS * 4)  # a few windows of 64 tokens
+    with pytest.raises(UnprocessableEntityError, match="long_input"):
+        client.embeddings.create(model="tiny", input=story)
+    windowed = client.embeddings.create(model="tiny", input=story, encoding_format="float",
+                                        extra_body={"long_input": "window"})
+    cut = client.embeddings.create(model="tiny", input=story, encoding_format="float",
+                                   extra_body={"long_input": "truncate"})
+    assert windowed.usage.prompt_tokens > cut.usage.prompt_tokens
+    assert not np.allclose(windowed.data[0].embedding, cut.data[0].embedding, atol=1e-3)
 
 
 def test_a_tampered_variant_is_refused_and_the_others_serve(store, tmp_path, caplog):
