@@ -25,11 +25,6 @@ OVERLOAD_FACTOR = 10
 OVERLOAD_S = 30
 
 
-@pytest.fixture(scope="module")
-def minilm_store(minilm_fp32_store) -> Path:
-    return minilm_fp32_store
-
-
 def expected_embeddings(store: Path, texts: list[str]) -> np.ndarray:
     """Each text embedded alone in this process: what the server must answer, whatever its batches."""
     import onnxruntime as ort
@@ -50,16 +45,16 @@ def expected_embeddings(store: Path, texts: list[str]) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_ten_times_capacity_is_refused_promptly_and_accepted_work_is_right(minilm_store, tmp_path):
+def test_ten_times_capacity_is_refused_promptly_and_accepted_work_is_right(minilm_fp32_store, tmp_path):
     # Real news of 15-40 words: inside the store's 64-token limit, so every request is valid.
     texts = [t for t in load_split("reuters-r8", "test").texts if 15 <= len(t.split()) <= 40][:96]
-    expected = expected_embeddings(minilm_store, texts)
+    expected = expected_embeddings(minilm_fp32_store, texts)
     # 768 client connections, and as many on the server (which inherits this limit): above the common
     # soft limit of 1024 open files once the rest is counted, so raise it up to the hard limit.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < 4096:
         resource.setrlimit(resource.RLIMIT_NOFILE, (4096 if hard == resource.RLIM_INFINITY else min(4096, hard), hard))
-    server, port = start_bertserve(minilm_store, "minilm-fp32", tmp_path / "server.log",
+    server, port = start_bertserve(minilm_fp32_store, "minilm-fp32", tmp_path / "server.log",
                                    max_chars_per_text="10000", max_body_bytes="65536")
     try:
         conn = Connection("127.0.0.1", port)
