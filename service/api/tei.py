@@ -167,6 +167,7 @@ async def info(request: Request, model: str | None = None) -> dict:
     entry = model_entry(request, model)
     s = state(request).settings
     m = entry.manifest
+    rule = entry.long_input(InferOptions())  # what a request that names no policy gets
     model_type = ({"embedding": {"pooling": m.pooling}} if m.task == "embedding"
                   else {"classifier": {"id2label": {str(i): l for i, l in enumerate(m.labels or [])}}})
     return {
@@ -179,9 +180,7 @@ async def info(request: Request, model: str | None = None) -> dict:
         "embedding_types": supported_embedding_types(m),  # our extension: what /embed's embedding_type takes
         # Our extensions: the sentence-transformers prompts prompt_name takes, and how long inputs are treated.
         "prompts": m.prompts, "default_prompt_name": m.default_prompt_name,
-        "long_input": m.long_input or s.long_input,
-        "window_overlap": m.window_overlap if m.window_overlap is not None else s.window_overlap,
-        "max_windows_per_input": s.max_windows_per_input,
+        "long_input": rule.policy, "window_overlap": rule.overlap, "max_windows_per_input": rule.max_windows,
     }
 
 
