@@ -34,6 +34,9 @@ class BuildContext:
     reference: nn.Module | None = None
     # The processes this build runs in (one, or torchrun's ranks); training steps use it.
     world: World = field(default_factory=World)
+    # Every text the evaluation scores or fits a probe on, normalized (corpora.normalized): training
+    # steps leave them out.
+    evaluation_texts: frozenset[str] = frozenset()
 
 
 @dataclass

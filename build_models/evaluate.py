@@ -136,6 +136,45 @@ def _probe_accuracy(train_x, train_y, test_x, test_y) -> float:
     return float((clf.predict(test_x) == np.asarray(test_y)).mean())
 
 
+def _knn_accuracy(train_x, train_y, test_x, test_y, k: int = 10) -> float:
+    """Share of test texts whose k nearest train texts by cosine vote for the right label (ties go to
+    the label of the nearer text): how a vector database answers "which topic is this like"."""
+    a = train_x / np.clip(np.linalg.norm(train_x, axis=1, keepdims=True), 1e-12, None)
+    b = test_x / np.clip(np.linalg.norm(test_x, axis=1, keepdims=True), 1e-12, None)
+    nearest = np.argsort(-(b @ a.T), axis=1, kind="stable")[:, :k]
+    train_y = np.asarray(train_y)
+    right = 0
+    for row, gold in zip(nearest, test_y):
+        votes: dict[str, float] = {}
+        for rank, i in enumerate(row):
+            votes[train_y[i]] = votes.get(train_y[i], 0.0) + 1.0 + 1e-3 * (k - rank)  # rank breaks ties
+        right += max(votes, key=votes.get) == gold
+    return right / len(test_y)
+
+
+def evaluation_samples(cfg: EvaluationConfig) -> dict[str, LabelledText]:
+    """The texts the evaluation scores and fits its probes on, by split name: "test" and "train" of
+    ``cfg.dataset``, and "held_out_test" / "held_out_train" of the held-out corpus when there is one."""
+    out = {"test": stratified_sample(load_split(cfg.dataset, "test"), cfg.probe_test_samples, cfg.seed + 1),
+           "train": stratified_sample(load_split(cfg.dataset, "train"), cfg.probe_train_samples, cfg.seed)}
+    if cfg.held_out is not None:
+        h = cfg.held_out
+        out["held_out_test"] = stratified_sample(load_split(h.dataset, "test"), h.probe_test_samples, cfg.seed + 1)
+        out["held_out_train"] = stratified_sample(load_split(h.dataset, "train"), h.probe_train_samples, cfg.seed)
+    return out
+
+
+def evaluation_texts(cfg: EvaluationConfig) -> frozenset[str]:
+    """Every text training must leave out, normalized: the probes' train samples and the whole test
+    split of each evaluated corpus."""
+    from build_models.corpora import normalized
+
+    texts = [t for sample in evaluation_samples(cfg).values() for t in sample.texts]
+    for dataset in [cfg.dataset] + ([cfg.held_out.dataset] if cfg.held_out else []):
+        texts += load_split(dataset, "test").texts
+    return frozenset(normalized(t) for t in texts)
+
+
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.clip(np.linalg.norm(a, axis=1, keepdims=True), 1e-12, None)
     b = b / np.clip(np.linalg.norm(b, axis=1, keepdims=True), 1e-12, None)
@@ -151,6 +190,7 @@ class QualityResult:
     extra: dict[str, float | None] = field(default_factory=dict)
     ranges: dict | None = None  # embedding: manifest embedding_ranges, from the train split
     embedding_types: dict | None = None  # embedding: manifest quality.embedding_types
+    held_out: dict | None = None  # embedding with evaluation.held_out: manifest quality.held_out
 
 
 class Evaluator:
@@ -164,9 +204,10 @@ class Evaluator:
         self.labels = labels
         self.threads = default_threads(cfg)
         torch.set_num_threads(self.threads)
-        self.train: LabelledText = stratified_sample(load_split(cfg.dataset, "train"), cfg.probe_train_samples, cfg.seed)
-        self.test: LabelledText = stratified_sample(load_split(cfg.dataset, "test"), cfg.probe_test_samples, cfg.seed + 1)
-        splits = {"test": self.test} | ({"train": self.train} if task == "embedding" else {})
+        self.samples = evaluation_samples(cfg)
+        self.train: LabelledText = self.samples["train"]
+        self.test: LabelledText = self.samples["test"]
+        splits = {k: v for k, v in self.samples.items() if k == "test" or task == "embedding"}
         self.splits = {k: batches(tokenizer, v.texts, names, cfg.eval_max_seq_len) for k, v in splits.items()}
         self.reference_run = torch_runner(reference, names)
         # The same weights with transformers' default (SDPA) attention, timed only.
@@ -205,6 +246,13 @@ class Evaluator:
             acc = _probe_accuracy(outputs["train"], self.train.labels, outputs["test"], self.test.labels)
             result = QualityResult(metric=f"{self.cfg.dataset}_logreg_accuracy", value=acc,
                                    reference_value=None, retention=None)
+            if "held_out_test" in outputs:
+                h = self.cfg.held_out
+                train, test = self.samples["held_out_train"], self.samples["held_out_test"]
+                args = (outputs["held_out_train"], train.labels, outputs["held_out_test"], test.labels)
+                result.held_out = {"dataset": h.dataset, "metric": f"{h.dataset}_logreg_accuracy",
+                                   "value": _probe_accuracy(*args), "knn_accuracy": _knn_accuracy(*args),
+                                   "train_samples": len(train), "test_samples": len(test)}
             return result
         preds = outputs["test"].argmax(axis=1)
         pred_labels = [self.labels[i] if self.labels and i < len(self.labels) else str(i) for i in preds]
@@ -229,6 +277,13 @@ class Evaluator:
             cos = _cosines(outputs["test"], self.ref["test"])
             result.extra.update(mean_cosine=float(cos.mean()), min_cosine=float(cos.min()))
             self._embedding_types(outputs, result)
+            if result.held_out is not None:
+                h, ref = result.held_out, self.ref_quality.held_out
+                cos = _cosines(outputs["held_out_test"], self.ref["held_out_test"])
+                h.update(reference_value=ref["value"], reference_knn_accuracy=ref["knn_accuracy"],
+                         retention=h["value"] / ref["value"] if ref["value"] else None,
+                         knn_retention=h["knn_accuracy"] / ref["knn_accuracy"] if ref["knn_accuracy"] else None,
+                         mean_cosine=float(cos.mean()), min_cosine=float(cos.min()))
         else:
             agree = (outputs["test"].argmax(axis=1) == self.ref["test"].argmax(axis=1)).mean()
             result.extra["agreement"] = float(agree)
@@ -303,8 +358,15 @@ def check_gates(task: str, quality: QualityResult, gates: GatesConfig) -> list[t
     if gates.downstream_retention is not None and (task == "embedding" or quality.value is not None):
         checks.append(("downstream_retention", quality.retention, gates.downstream_retention))
     if task == "embedding":
+        # The held-out corpus is gated with the same limits: a variant passes on the worse domain.
+        held_out = quality.held_out
+        if held_out is not None and gates.downstream_retention is not None:
+            checks.append(("held_out_retention", held_out.get("retention"), gates.downstream_retention))
+            checks.append(("held_out_knn_retention", held_out.get("knn_retention"), gates.downstream_retention))
         if gates.mean_cosine is not None:
             checks.append(("mean_cosine", quality.extra.get("mean_cosine"), gates.mean_cosine))
+            if held_out is not None:
+                checks.append(("held_out_mean_cosine", held_out.get("mean_cosine"), gates.mean_cosine))
         if gates.min_cosine is not None:
             checks.append(("min_cosine", quality.extra.get("min_cosine"), gates.min_cosine))
     elif gates.agreement is not None:

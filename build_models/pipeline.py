@@ -144,6 +144,9 @@ def build(
     names = ["input_ids", "attention_mask"] + (
         ["token_type_ids"] if "token_type_ids" in tokenizer.model_input_names else [])
     sample_texts = _sample_texts(recipe)
+    from build_models.evaluate import evaluation_texts
+
+    held_out_texts = evaluation_texts(recipe.evaluation)  # what training steps must never read
     work_root = Path(tempfile.mkdtemp(prefix="bertserve-build-"))
     staged: list[tuple[VariantOutcome, Path, dict]] = []
     outcomes: list[VariantOutcome] = []
@@ -153,7 +156,8 @@ def build(
         work.mkdir()
         return BuildContext(source=source, task=recipe.task, tokenizer=tokenizer, work_dir=work,
                             max_seq_len=max_seq_len, provider=provider, sample_texts=sample_texts,
-                            checkpoint_dir=store / ".checkpoints", reference=reference, world=world)
+                            checkpoint_dir=store / ".checkpoints", reference=reference, world=world,
+                            evaluation_texts=held_out_texts)
 
     try:
         teacher_records = []
@@ -390,6 +394,7 @@ def _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log
         "gates": [{"metric": m, "value": v, "limit": lim, "passed": ok} for m, v, lim, ok in gates],
         "measured_on": getattr(run, "provider", "cpu (PyTorch)"),
         "embedding_types": quality.embedding_types,
+        "held_out": quality.held_out,
     }
     if quality.ranges is not None:
         fields["embedding_ranges"] = quality.ranges
@@ -398,6 +403,10 @@ def _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log
             shown = "not measured" if value is None else f"{value:.4f}"
             outcome.gate_failures.append(f"gate {metric}: {shown} < {limit}")
     summary = ", ".join(f"{k}={v:.4f}" for k, v in quality.extra.items() if isinstance(v, float))
+    if quality.held_out is not None:
+        h = quality.held_out
+        summary += (f"; held-out {h['dataset']}: retention={h['retention']:.4f} "
+                    f"knn_retention={h['knn_retention']:.4f} mean_cosine={h['mean_cosine']:.4f}")
     retention = "n/a" if quality.retention is None else f"{quality.retention:.4f}"
     log(f"[{variant.name}] retention={retention} {summary} ({time.perf_counter() - t:.0f}s)"
         + (f"  FAILED: {'; '.join(outcome.gate_failures)}" if outcome.gate_failures else ""))

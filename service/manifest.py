@@ -34,7 +34,8 @@ VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
 Task = Literal["embedding", "classification"]
 Format = Literal["onnx", "torchscript"]
-Precision = Literal["fp32", "fp16", "int8", "int4"]
+# int2: 2-bit weights (MatMulNBits bits=2) of a ternary or binary qat student.
+Precision = Literal["fp32", "fp16", "int8", "int4", "int2"]
 Pooling = Literal["mean", "cls", "max", "none"]
 
 
@@ -123,6 +124,24 @@ class EmbeddingTypesQuality(StrictModel):
     note: str | None = None
 
 
+class HeldOutQuality(StrictModel):
+    """The same probe on a corpus no build step trained or calibrated on, plus a kNN vote: the
+    gate takes the worse of this and the first corpus."""
+
+    dataset: str
+    metric: str
+    value: float | None  # the variant's probe accuracy
+    reference_value: float | None
+    retention: float | None
+    knn_accuracy: float | None = None  # 10 nearest probe-train texts by cosine vote
+    reference_knn_accuracy: float | None = None
+    knn_retention: float | None = None
+    mean_cosine: float | None = None  # to the reference's vectors of the same texts
+    min_cosine: float | None = None
+    train_samples: int | None = None
+    test_samples: int | None = None
+
+
 class Quality(StrictModel):
     """Quality of the variant measured against the fp32 PyTorch reference of the same source."""
 
@@ -136,6 +155,7 @@ class Quality(StrictModel):
     gates: list[QualityGateResult] = Field(default_factory=list)
     # Embedding variants: probe retention and retrieval recall of float32, int8, uint8 and binary vectors.
     embedding_types: EmbeddingTypesQuality | None = None
+    held_out: HeldOutQuality | None = None
     measured_on: str = "CPUExecutionProvider"
     note: str | None = None
 

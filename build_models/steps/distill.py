@@ -25,7 +25,7 @@ from build_models.artifact import Artifact, BuildContext
 from build_models.errors import BuildError
 from build_models.modeling import EmbeddingModel, encoder_config, encoder_layers, inner_model
 from build_models.recipe import DistillConfig
-from build_models.training.data import tokenize_rows, training_texts
+from build_models.training.data import tokenize_rows, training_corpus
 from build_models.training.loop import StagedTask, checkpoint_key, train
 from build_models.training.strategy import NOT_IN_RESULT, resolve_strategy
 
@@ -73,26 +73,40 @@ def _label_ids(model: nn.Module, corpus_labels: list[str]) -> list[int] | None:
     return [label2id[l] for l in corpus_labels]
 
 
+def encode_parts(model: nn.Module, input_ids, attention_mask, token_type_ids, hidden: bool, attentions: bool):
+    """(output, each layer's hidden states, each layer's attention maps) of an embedding model or a
+    classifier; the lists are empty unless asked for. Attention maps need eager attention (the
+    reference is loaded with it, and students are copies of it)."""
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "return_dict": True,
+              "output_hidden_states": hidden, "output_attentions": attentions}
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = token_type_ids
+    if isinstance(model, EmbeddingModel):
+        out = model.encoder(**kwargs)
+        output = model.pool(out.last_hidden_state, attention_mask)
+    else:
+        out = model.classifier(**kwargs)
+        output = out.logits
+    # hidden_states[0] is the embeddings' output; the loss compares the layers' outputs.
+    return output, list(out.hidden_states[1:]) if hidden else [], list(out.attentions) if attentions else []
+
+
 class StudentForward(nn.Module):
     """The student's forward as one module call (what DDP wraps): the sentence embedding or logits;
-    with ``hidden``, (embedding, each student layer's hidden states...) for the hidden-state loss,
-    the same output a pipeline's last stage gives."""
+    with ``hidden`` and/or ``attentions``, (output, each layer's hidden states..., each layer's
+    attention maps...) for the TinyBERT losses; with ``hidden`` alone it is the output a pipeline's
+    last stage gives."""
 
-    def __init__(self, student: nn.Module, hidden: bool):
+    def __init__(self, student: nn.Module, hidden: bool, attentions: bool = False):
         super().__init__()
-        self.student, self.hidden = student, hidden
+        self.student, self.hidden, self.attentions = student, hidden, attentions
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
-        if not isinstance(self.student, EmbeddingModel):
+        if not (self.hidden or self.attentions):
             return self.student(input_ids, attention_mask, token_type_ids)
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "return_dict": True,
-                  "output_hidden_states": self.hidden}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        out = self.student.encoder(**kwargs)
-        pooled = self.student.pool(out.last_hidden_state, attention_mask)
-        # hidden_states[0] is the embeddings' output; the loss compares the layers' outputs.
-        return (pooled, *out.hidden_states[1:]) if self.hidden else pooled
+        output, states, maps = encode_parts(self.student, input_ids, attention_mask, token_type_ids,
+                                            self.hidden, self.attentions)
+        return (output, *states, *maps)
 
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -103,20 +117,43 @@ def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.T
     return per_sequence.mean()
 
 
+def _attention_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of each head's attention distribution over the keys (MiniLM's form of
+    TinyBERT's attention transfer), averaged over the real query tokens and heads of each sequence,
+    then over the batch. Padded keys hold zero probability in both, so they add nothing."""
+    eps = 1e-9
+    kl = (teacher * ((teacher + eps).log() - (student + eps).log())).sum(dim=-1)  # [B, H, T]
+    m = mask.unsqueeze(1).to(kl.dtype)
+    per_sequence = (kl * m).sum(dim=(1, 2)) / (m.sum(dim=(1, 2)) * kl.shape[1]).clamp(min=1)
+    return per_sequence.mean()
+
+
+def kept_heads(student: nn.Module, teacher_heads: int) -> list[list[int]] | None:
+    """For each student layer, the teacher heads its remaining heads came from (pruning keeps their
+    order); None when no head was pruned."""
+    config = encoder_config(student)
+    pruned = config.pruned_heads or {}
+    if not pruned:
+        return None
+    return [[h for h in range(teacher_heads) if h not in set(pruned.get(j, ()))]
+            for j in range(config.num_hidden_layers)]
+
+
 class DistillTask(StagedTask):
     """The distillation loss in parts (loop.StagedTask): the teacher's outputs are the target.
 
-    Embedding models: target = the teacher's sentence embeddings, and with the hidden-state loss also
-    the attention mask and the teacher's hidden states of the kept layers, packed into one [B, N]
-    tensor so a pipeline schedule can split it into micro-batches. Classifiers: the teacher's logits,
-    plus the label as a float column when the cross-entropy term applies."""
+    The target packs, per row: the teacher's sentence embedding or logits (plus the label as a float
+    column when the cross-entropy term applies); with a hidden-state or attention loss also the
+    attention mask, the teacher's hidden states of the kept layers and their attention maps (the heads
+    the student kept), all in one [B, N] tensor so a pipeline schedule can split it into micro-batches."""
 
     def __init__(self, cfg: DistillConfig, teacher: nn.Module, keep: list[int], tokenizer, texts: list[str],
-                 label_ids: list[int] | None, device):
+                 label_ids: list[int] | None, device, heads: list[list[int]] | None = None):
         self.cfg, self.teacher, self.keep, self.tokenizer, self.texts = cfg, teacher, keep, tokenizer, texts
-        self.label_ids, self.device = label_ids, device
+        self.label_ids, self.device, self.heads = label_ids, device, heads
         self.embedding = isinstance(teacher, EmbeddingModel)
-        self.carry_hidden = self.embedding and cfg.hidden_loss_weight > 0
+        self.carry_hidden = cfg.hidden_loss_weight > 0
+        self.carry_attention = getattr(cfg, "attention_loss_weight", 0) > 0
         self.use_labels = not self.embedding and label_ids is not None and cfg.ce_weight > 0
 
     def inputs(self, rows: list[int]):
@@ -125,28 +162,34 @@ class DistillTask(StagedTask):
     @torch.no_grad()
     def target(self, rows: list[int], inputs) -> torch.Tensor:
         ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids")
-        if not self.embedding:
-            t_logits = self.teacher(ids, mask, types)
-            if not self.use_labels:
-                return t_logits
-            labels = torch.tensor([self.label_ids[i] for i in rows], device=t_logits.device, dtype=t_logits.dtype)
-            return torch.cat([t_logits, labels.unsqueeze(1)], dim=1)  # class ids are exact in float32
-        kwargs = {"input_ids": ids, "attention_mask": mask, "output_hidden_states": self.carry_hidden,
-                  "return_dict": True}
-        if types is not None:
-            kwargs["token_type_ids"] = types
-        t_out = self.teacher.encoder(**kwargs)
-        t_emb = self.teacher.pool(t_out.last_hidden_state, mask)
-        if not self.carry_hidden:
-            return t_emb
-        # Student layer j mimics teacher layer keep[j] (hidden_states[0] is the embeddings' output).
-        hidden = torch.stack([t_out.hidden_states[k + 1] for k in self.keep], dim=1)  # [B, L, T, H]
-        return torch.cat([t_emb, mask.to(t_emb.dtype), hidden.flatten(1)], dim=1)
+        if not (self.carry_hidden or self.carry_attention):
+            main = self.teacher(ids, mask, types)
+            parts, maps = [main], []
+        else:
+            main, states, maps = encode_parts(self.teacher, ids, mask, types, self.carry_hidden,
+                                              self.carry_attention)
+            parts = [main]
+        if self.use_labels:
+            labels = torch.tensor([self.label_ids[i] for i in rows], device=main.device, dtype=main.dtype)
+            parts.append(labels.unsqueeze(1))  # class ids are exact in float32
+        if self.carry_hidden or self.carry_attention:
+            parts.append(mask.to(main.dtype))
+        if self.carry_hidden:
+            # Student layer j mimics teacher layer keep[j].
+            parts.append(torch.stack([states[k] for k in self.keep], dim=1).flatten(1))  # [B, L*T*H]
+        if self.carry_attention:
+            chosen = [maps[k] if self.heads is None else maps[k][:, self.heads[j]] for j, k in enumerate(self.keep)]
+            parts.append(torch.cat([m.flatten(1) for m in chosen], dim=1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def loss(self, output, target: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        s_out, *s_hidden = output if isinstance(output, tuple) else (output,)
+        s_out, *rest = output if isinstance(output, tuple) else (output,)
+        layers = len(self.keep)
+        s_hidden = rest[:layers] if self.carry_hidden else []
+        s_maps = rest[len(s_hidden):]
         width = s_out.shape[-1]
+        at = width + (1 if self.use_labels else 0)
         if not self.embedding:
             t = cfg.temperature
             loss = nn.functional.kl_div(nn.functional.log_softmax(s_out / t, dim=-1),
@@ -154,18 +197,31 @@ class DistillTask(StagedTask):
                                         reduction="batchmean") * t * t
             if self.use_labels:
                 loss = loss + cfg.ce_weight * nn.functional.cross_entropy(s_out, target[:, width].long())
-            return loss
-        t_emb = target[:, :width]
-        if cfg.loss == "cosine":
-            loss = (1 - nn.functional.cosine_similarity(s_out, t_emb, dim=-1)).mean()
         else:
-            loss = nn.functional.mse_loss(s_out, t_emb)
+            t_emb = target[:, :width]
+            if cfg.loss == "cosine":
+                loss = (1 - nn.functional.cosine_similarity(s_out, t_emb, dim=-1)).mean()
+            else:
+                loss = nn.functional.mse_loss(s_out, t_emb)
+        if not (self.carry_hidden or self.carry_attention):
+            return loss
+        rows = s_out.shape[0]
+        length = (s_hidden[0].shape[1] if s_hidden else s_maps[0].shape[-1])
+        mask = target[:, at:at + length]
+        at += length
         if self.carry_hidden:
-            rows, length, size = s_hidden[0].shape
-            mask = target[:, width:width + length]
-            t_hidden = target[:, width + length:].view(rows, len(self.keep), length, size)
-            hidden = sum(_masked_mse(s, t_hidden[:, j], mask) for j, s in enumerate(s_hidden)) / len(self.keep)
+            size = s_hidden[0].shape[-1]
+            t_hidden = target[:, at:at + layers * length * size].view(rows, layers, length, size)
+            at += layers * length * size
+            hidden = sum(_masked_mse(s, t_hidden[:, j], mask) for j, s in enumerate(s_hidden)) / layers
             loss = loss + cfg.hidden_loss_weight * hidden
+        if self.carry_attention:
+            kl = 0.0
+            for s in s_maps:
+                n = s[0].numel()
+                kl = kl + _attention_kl(s, target[:, at:at + n].view_as(s), mask)
+                at += n
+            loss = loss + cfg.attention_loss_weight * kl / layers
         return loss
 
 
@@ -194,9 +250,10 @@ def run(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact,
     if cfg.hidden_loss_weight > 0 and teacher_depth != depth:
         raise BuildError(f"distill: the hidden-state loss maps student layers to teacher layers by index, but the "
                          f"model has {depth} layers and its teacher {teacher_depth}; set hidden_loss_weight: 0")
-    texts, corpus_labels = training_texts("distill", cfg.dataset, cfg.samples, cfg.seed, cfg.batch_size)
+    texts, corpus_labels, text_details = training_corpus("distill", cfg, ctx.evaluation_texts)
     label_ids = _label_ids(teacher, corpus_labels)
     student = make_student(start_from, keep).to(world.device)
+    heads = kept_heads(student, encoder_config(teacher).num_attention_heads)
     teacher = teacher.to(world.device)
     checkpoint = None
     if ctx.checkpoint_dir is not None:
@@ -204,14 +261,15 @@ def run(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact,
                              str(ctx.source.path if ctx.source else ""), start_from, teacher)
         checkpoint = ctx.checkpoint_dir / f"distill-{key}.pt"
 
-    task = DistillTask(cfg, teacher, keep, ctx.tokenizer, texts, label_ids, world.device)
-    outcome = train("distill", cfg, student, StudentForward(student, task.carry_hidden), len(texts),
-                    task, world, strategy, checkpoint)
+    task = DistillTask(cfg, teacher, keep, ctx.tokenizer, texts, label_ids, world.device, heads)
+    outcome = train("distill", cfg, student, StudentForward(student, task.carry_hidden, task.carry_attention),
+                    len(texts), task, world, strategy, checkpoint)
     student = student.cpu()
     teacher.cpu()
     details = {
         "teacher": cfg.teacher if ctx.reference is not None else "current", "teacher_layers": teacher_depth,
         "student_layers": keep, "texts": len(texts), "dataset": cfg.dataset, "used_labels": label_ids is not None,
+        **text_details,
         **outcome.summary(), "params": sum(p.numel() for p in student.parameters()),
     }
     return Artifact(kind="torch", precision="fp32", module=student), details

@@ -121,3 +121,79 @@ def test_distilled_student_exports_fuses_and_publishes(tiny_embedding_dir, tmp_p
     assert steps["optimize"].details["fused_nodes"]["Attention"] == 1
     assert steps["optimize"].details["max_abs_diff_vs_torch"] < 1e-4
     assert (store / ".checkpoints").is_dir()  # resumable, and invisible to the server's store scan
+
+
+def test_tinybert_losses_compare_the_heads_a_pruned_student_kept(tiny_embedding_dir):
+    """A student that is its teacher with two heads pruned, where the teacher's two heads add nothing
+    (their output columns zeroed), has the teacher's hidden states and, head for head, its attention
+    maps: the hidden-state and attention losses are zero only when the kept heads are matched right."""
+    import copy
+
+    teacher = load_reference(tiny_embedding_dir, "embedding", "mean", True).eval()
+    head = teacher.encoder.config.hidden_size // teacher.encoder.config.num_attention_heads
+    with torch.no_grad():
+        attention = teacher.encoder.encoder.layer[0].attention
+        # A random tiny BERT attends almost uniformly; sharpen it so that heads differ visibly.
+        for proj in (attention.self.query, attention.self.key):
+            proj.weight.mul_(30)
+        out = attention.output.dense.weight
+        for h in (1, 3):
+            out[:, h * head:(h + 1) * head] = 0
+    student = copy.deepcopy(teacher)
+    student.encoder.prune_heads({0: [1, 3]})
+    heads = distill.kept_heads(student, 4)
+    assert heads == [[0, 2], [0, 1, 2, 3]]
+    tok = AutoTokenizer.from_pretrained(tiny_embedding_dir)
+    cfg = DistillConfig(num_layers=2, attention_loss_weight=1.0, hidden_loss_weight=1.0, **FAST)
+    rows = list(range(len(HELD_OUT)))
+
+    def loss(kept):
+        task = distill.DistillTask(cfg, teacher, [0, 1], tok, HELD_OUT, None, "cpu", kept)
+        inputs = task.inputs(rows)
+        forward = distill.StudentForward(student, task.carry_hidden, task.carry_attention)
+        with torch.no_grad():
+            output = forward(inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids"))
+            return float(task.loss(output, task.target(rows, inputs)))
+
+    assert loss(heads) < 1e-6
+    assert loss([[0, 1], [0, 1, 2, 3]]) > 1e-3  # the wrong teacher heads
+
+
+def test_classifier_student_trains_with_the_tinybert_losses(tiny_classifier_dir, tmp_path):
+    teacher = load_reference(tiny_classifier_dir, "classification", None, False)
+    cfg = DistillConfig(num_layers=1, hidden_loss_weight=1.0, attention_loss_weight=1.0, **FAST)
+    art, details = distill.run(cfg, Artifact(kind="torch", module=teacher), context(tiny_classifier_dir, tmp_path))
+    assert details["loss_last"] < details["loss_first"], details
+    with pytest.raises(ValueError, match="attention loss runs with the single or ddp strategy, not pipeline"):
+        DistillConfig(num_layers=1, attention_loss_weight=1.0, strategy="pipeline", **FAST)
+
+
+def test_broad_text_student_is_gated_on_a_held_out_corpus(tiny_embedding_dir, tmp_path):
+    """A student distilled on a mix of corpora, never the held-out one, is scored on both corpora; the
+    manifest, its gates and `build-models list` show both, and the evaluation's texts were left out."""
+    import yaml
+
+    from build_models.catalog import render_table
+    from build_models.pipeline import build
+    from tests.helpers import tiny_recipe
+
+    recipe = tiny_recipe(tiny_embedding_dir, [{"name": "student", "steps": [
+        {"distill": {"num_layers": 1, **FAST, "dataset": ["reuters-r8", "election-tweets", "friends-transcripts"],
+                     "attention_loss_weight": 1.0}},
+        {"export_onnx": {}}]}])
+    recipe["evaluation"]["held_out"] = {"dataset": "20newsgroups", "probe_train_samples": 60,
+                                        "probe_test_samples": 40}
+    recipe["gates"] = {"downstream_retention": 0.0, "mean_cosine": 0.0}  # rows recorded, never failing
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    build(tmp_path / "recipe.yaml", tmp_path / "store", log=lambda _m: None)
+    manifest = load_verified(tmp_path / "store" / "student" / "1")
+    held_out = manifest.quality.held_out
+    assert held_out.dataset == "20newsgroups" and 35 <= held_out.test_samples <= 40  # stratified, rounded
+    assert 0 < held_out.retention and 0 < held_out.knn_retention and -1 <= held_out.mean_cosine <= 1
+    assert {g.metric for g in manifest.quality.gates} == {
+        "downstream_retention", "held_out_retention", "held_out_knn_retention", "mean_cosine",
+        "held_out_mean_cosine"}
+    details = {s.name: s.details for s in manifest.lineage.steps}["distill"]
+    assert details["mix"]["per_source"] == {"reuters-r8": 54, "election-tweets": 53, "friends-transcripts": 53}
+    assert details["mix"]["evaluation_texts_excluded"] > 0  # R8's probe texts and its test split
+    assert "20newsgroups" in render_table(tmp_path / "store")

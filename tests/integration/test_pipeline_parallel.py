@@ -21,10 +21,11 @@ from transformers import AutoTokenizer, BertModel
 
 from build_models.artifact import Artifact, BuildContext
 from build_models.errors import BuildError
+from build_models.evaluate import evaluation_texts
 from build_models.modeling import load_reference
-from build_models.recipe import DistillConfig, FinetuneConfig
+from build_models.recipe import DistillConfig, FinetuneConfig, parse_recipe
 from build_models.steps import distill, finetune
-from build_models.training.data import training_texts
+from build_models.training.data import training_corpus
 from build_models.training.distributed import World
 from build_models.training.loop import global_rows
 from build_models.training.pipeline_parallel import EncoderStage, split_layers
@@ -73,9 +74,12 @@ def test_two_stages_train_the_same_student_as_one_process(four_layer_source, tmp
     # The same step in this process, strategy single, from the same reference.
     tokenizer = AutoTokenizer.from_pretrained(four_layer_source)
     reference = load_reference(four_layer_source, "embedding", "mean", True)
+    # The build leaves the evaluation's texts out of training; so does this run.
+    excluded = evaluation_texts(parse_recipe(yaml.safe_load(recipe.read_text())).evaluation)
     ctx = BuildContext(source=None, task="embedding", tokenizer=tokenizer, work_dir=tmp_path, max_seq_len=64,
-                       provider="cpu", sample_texts=[], reference=reference)
+                       provider="cpu", sample_texts=[], reference=reference, evaluation_texts=excluded)
     cfg = DistillConfig(**{**DISTILL, "strategy": "single"})
+    texts = training_corpus("distill", cfg, excluded)[0]
     art, single = distill.run(cfg, Artifact(kind="torch", module=copy.deepcopy(reference)), ctx)
     one = art.module.state_dict()
 
@@ -89,8 +93,7 @@ def test_two_stages_train_the_same_student_as_one_process(four_layer_source, tmp
         # summation order (max difference seen: 1.2e-7).
         torch.testing.assert_close(two[name], one[name], rtol=RTOL, atol=ATOL, msg=name)
     student = distill.make_student(reference, [1, 3])
-    task = distill.DistillTask(cfg, reference, [1, 3], tokenizer, training_texts("distill", "reuters-r8", 48, 0, 8)[0],
-                               None, "cpu")
+    task = distill.DistillTask(cfg, reference, [1, 3], tokenizer, texts, None, "cpu")
     task.loss_fn(distill.StudentForward(student, True), global_rows(0, 48, 8, 0)).backward()
     # Above norm 1 the update is clipped: the stages must agree on the global norm to match.
     assert torch.nn.utils.get_total_norm([p.grad for p in student.parameters() if p.grad is not None]) > 1.5
@@ -108,7 +111,6 @@ def test_two_stages_train_the_same_student_as_one_process(four_layer_source, tmp
 
     # Bytes between the stages: per micro-batch, stage 0 sends its layer's hidden states [2, T, 32]
     # (the last stage needs them for the hidden-state loss) and gets their gradient back.
-    texts, _ = training_texts("distill", "reuters-r8", 48, 0, 8)
     lengths = [tokenizer([texts[i] for i in global_rows(s, 48, 8, 0)], padding=True, truncation=True,
                          max_length=32, return_tensors="pt")["input_ids"].shape[1] for s in range(6)]
     forward = sum(8 * t * 32 * 4 for t in lengths) / 6
