@@ -48,7 +48,9 @@ def _rows(store: Path, verify: bool) -> list[tuple[Manifest | None, dict[str, st
             "mean cos": _num(q.extra.get("mean_cosine") if q else None),
             "held-out": (f"{_num(held_out_retention(q))} {q.held_out.dataset}" if q and q.held_out else "-"),
             "b1 ms": _num(b1.get("variant"), 2), "b32x128 ms": _num(b32.get("variant"), 1),
-            "speedup": f"{b32['speedup']:.2f}x" if b32.get("speedup") else "-",
+            "speedup": (f"{b32['speedup']:.2f}x" if b32.get("speedup") else "-")
+                       + (f" ({b32['speedup_vs_baseline']:.2f}x vs {m.latency.baseline})"
+                          if b32.get("speedup_vs_baseline") else ""),
             "status": status if not (q and q.note) else f"{status} ({q.note})",
         }))
     return rows

@@ -206,7 +206,7 @@ def build(
             outcomes.append(outcome)
             staged.append((outcome, staging, fields))
         if timed:
-            _time_variants(evaluator, timed, log)
+            _time_variants(evaluator, timed, log, recipe.evaluation.speed_baseline)
         # Publish only after every variant is built: an interrupted run leaves the store as it was.
         for outcome, staging, fields in staged:
             if outcome.gate_failures and not allow_below_gate:
@@ -420,15 +420,22 @@ def _evaluate_variant(evaluator, recipe, variant, artifact, fields, outcome, log
     return run
 
 
-def _time_variants(evaluator, timed: dict[str, tuple], log: Log) -> None:
-    """The latency probe of every evaluated variant, in one session against the same references."""
+def _time_variants(evaluator, timed: dict[str, tuple], log: Log, baseline: str | None = None) -> None:
+    """The latency probe of every evaluated variant, in one session against the same references.
+    ``baseline``: a variant of the recipe (what a user would otherwise deploy, e.g. the fused fp32
+    graph) that every other variant is also compared with, when it was built in the same run."""
     t = time.perf_counter()
     cases = evaluator.latency({name: run for name, (run, _) in timed.items()})
     for name, (_, fields) in timed.items():
         fields["latency"] = {"threads": evaluator.threads, "cases": cases[name]}
+        if baseline in cases and name != baseline:
+            fields["latency"]["baseline"] = baseline
+            for case, row in cases[name].items():
+                row["speedup_vs_baseline"] = round(cases[baseline][case]["variant"] / row["variant"], 3)
         b32 = cases[name]["batch32_seq128"]
         log(f"[{name}] speedup(b32x128)={b32['speedup']}x vs eager"
-            + (f", {b32['speedup_vs_sdpa']}x vs sdpa" if "speedup_vs_sdpa" in b32 else ""))
+            + (f", {b32['speedup_vs_sdpa']}x vs sdpa" if "speedup_vs_sdpa" in b32 else "")
+            + (f", {b32['speedup_vs_baseline']}x vs {baseline}" if "speedup_vs_baseline" in b32 else ""))
     log(f"latency probe of {len(timed)} variant(s) in {time.perf_counter() - t:.0f}s")
 
 

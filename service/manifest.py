@@ -165,7 +165,8 @@ class LatencyProbe(StrictModel):
 
     unit: Literal["ms_per_batch"] = "ms_per_batch"
     threads: int
-    cases: dict[str, dict[str, float | None]]  # case -> {variant, reference, speedup}
+    cases: dict[str, dict[str, float | None]]  # case -> {variant, reference, speedup[, speedup_vs_baseline]}
+    baseline: str | None = None  # the variant of the same build speedup_vs_baseline compares with
     note: str | None = None
 
 

@@ -17,9 +17,9 @@ from tests.integration.helpers import run_variant
 FAST_EVAL = {"probe_train_samples": 40, "probe_test_samples": 40, "latency_repeats": 1, "threads": 2}
 
 
-def write_recipe(tmp_path: Path, source: Path, task: str, variants: list, gates=None) -> Path:
+def write_recipe(tmp_path: Path, source: Path, task: str, variants: list, gates=None, **evaluation) -> Path:
     recipe = {"family": "tiny", "source": {"path": str(source)}, "task": task, "max_seq_len": 64,
-              "evaluation": FAST_EVAL, "gates": gates or {"downstream_retention": None, "mean_cosine": None},
+              "evaluation": {**FAST_EVAL, **evaluation}, "gates": gates or {"downstream_retention": None, "mean_cosine": None},
               "variants": variants}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -43,7 +43,7 @@ TOLERANCE = {"fp32": (1e-4, 0.99999), "fp16": (1e-2, 0.999), "int8": (None, 0.98
 @pytest.fixture(scope="module")
 def embedding_store(tmp_path_factory, tiny_embedding_dir):
     tmp = tmp_path_factory.mktemp("embedding-build")
-    recipe = write_recipe(tmp, tiny_embedding_dir, "embedding", EMBEDDING_VARIANTS)
+    recipe = write_recipe(tmp, tiny_embedding_dir, "embedding", EMBEDDING_VARIANTS, speed_baseline="e-fused")
     result = build(recipe, tmp / "store", log=lambda _m: None)
     assert all(o.published for o in result.outcomes)
     return tmp / "store"
@@ -166,3 +166,15 @@ def test_classification_variants(tmp_path, tiny_classifier_dir, mixed_batch):
         assert quality.metric == "accuracy" and quality.value is not None
         assert {"macro_f1", "agreement"} <= set(quality.extra)
         assert manifest.embedding_ranges is None and quality.embedding_types is None
+
+
+def test_variants_are_also_timed_against_the_recipes_baseline(embedding_store):
+    """evaluation.speed_baseline: every other variant's latency row says how much faster it is than the
+    baseline variant, from the same probe's medians (the numbers each manifest records)."""
+    base = load_verified(embedding_store / "e-fused" / "1").latency
+    assert base.baseline is None and "speedup_vs_baseline" not in base.cases["batch32_seq128"]
+    for name in ("e-int8", "e-onnx", "e-ts"):
+        latency = load_verified(embedding_store / name / "1").latency
+        assert latency.baseline == "e-fused"
+        for case, row in latency.cases.items():
+            assert row["speedup_vs_baseline"] == round(base.cases[case]["variant"] / row["variant"], 3)

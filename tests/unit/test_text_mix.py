@@ -99,3 +99,9 @@ def test_knn_votes_by_the_nearest_texts():
     test = np.array([[1, 0.05], [0.05, 1]], dtype=np.float32)
     assert _knn_accuracy(train, labels, test, ["a", "b"], k=3) == 1.0
     assert _knn_accuracy(train, labels, test, ["b", "a"], k=3) == 0.0
+
+
+def test_the_speed_baseline_is_a_variant_of_the_recipe():
+    with pytest.raises(RecipeError, match="speed_baseline 'fp32' is not a variant"):
+        parse_recipe(recipe([], {"speed_baseline": "fp32"}))
+    assert parse_recipe(recipe([], {"speed_baseline": "v"})).evaluation.speed_baseline == "v"
