@@ -257,7 +257,7 @@ def _default_attention_reference(source, task, log: Log):
         return None
 
 
-TRAINING_STEPS = ("distill", "finetune")
+TRAINING_STEPS = ("distill", "qat", "finetune")
 
 
 def _run_steps(variant: VariantConfig, reference, ctx: BuildContext, log: Log, cache: dict,

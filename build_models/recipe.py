@@ -56,22 +56,37 @@ class OptimizeConfig(StrictModel):
     use_gpu: bool = False
     # Fail the step when a fusion the model should get did not happen.
     require_fusion: bool = True
+    # fused: one Attention node whose packed Q/K/V weight is a single initializer (fastest in fp32).
+    # multi_head: MultiHeadAttention fed by the query, key and value projections kept as separate
+    # MatMuls, so that weight-only quantization (int2_weight_only after a qat step) can reach them.
+    attention: Literal["fused", "multi_head"] = "fused"
 
 
 class QuantizeConfig(StrictModel):
     step: Literal["quantize"] = "quantize"
     # int8_dynamic: ONNX graphs use ORT's dynamic quantizer; PyTorch modules use
     # torch.ao.quantization.quantize_dynamic. int4_weight_only: ORT MatMulNBits. fp16: for CUDA.
-    method: Literal["int8_dynamic", "int4_weight_only", "fp16"] = "int8_dynamic"
+    # int2_weight_only: MatMulNBits bits=2 for the MatMuls whose weights a qat step left on a 2-bit grid.
+    method: Literal["int8_dynamic", "int4_weight_only", "int2_weight_only", "fp16"] = "int8_dynamic"
     per_channel: bool = True
     # None = decide from the CPU: without VNNI, U8S8 products can saturate, so reduce weights to 7 bits.
     reduce_range: bool | None = None
     # Node names (or name prefixes ending in '*') kept in float, for when a gate fails.
     nodes_to_exclude: list[str] = Field(default_factory=list)
     op_types: list[str] | None = None
-    block_size: int = Field(32, ge=16)  # int4 only
+    block_size: int = Field(32, ge=16)  # int4 and int2 only
     symmetric: bool = True  # int4 only
     keep_io_types: bool = True  # fp16 only
+    # int4 and int2 only: MatMulNBits' accuracy_level. 0: fp32 activations (on ORT 1.32's CPU provider a
+    # 2-bit weight is dequantized to fp32 at every call, then SGEMM); 4: activations quantized to int8
+    # per block, with int8 dot products (a real 2-bit kernel on AVX-512 CPUs for block_size 32/64/128).
+    accuracy_level: Literal[0, 4] = 0
+
+    @model_validator(mode="after")
+    def _accuracy_level_for_nbits(self) -> "QuantizeConfig":
+        if self.accuracy_level and self.method not in ("int4_weight_only", "int2_weight_only"):
+            raise ValueError(f"accuracy_level applies to int4_weight_only and int2_weight_only, not {self.method}")
+        return self
 
 
 Dataset = Literal["reuters-r8", "reuters-r52", "20newsgroups", "election-tweets"]
@@ -93,8 +108,10 @@ class PruneConfig(StrictModel):
     # Uniform head counts keep one head count for ONNX Runtime's attention fusion; false ranks heads
     # across layers (at least one per layer), and the optimizer reads each layer's count from the graph.
     uniform_heads: bool = True
-    dataset: Dataset = "reuters-r8"
-    calibration_samples: int = Field(256, ge=8)  # from the train split only
+    # One corpus's train split, or a mix of sources as the training steps take it (TrainingConfig.dataset).
+    dataset: Dataset | list[TextSource] = "reuters-r8"
+    passage_words: int | None = Field(100, ge=8)  # mixes only
+    calibration_samples: int = Field(256, ge=8)  # never the evaluation's texts
     batch_size: int = Field(16, ge=2)
     max_seq_len: int = Field(128, ge=8)
     seed: int = 0
@@ -202,9 +219,35 @@ class DistillConfig(TrainingConfig):
             raise ValueError(f"the attention loss runs with the single or ddp strategy, not {self.strategy}")
 
 
-# Steps that work on the PyTorch model (prune, distill) run before export.
+class QatConfig(DistillConfig):
+    """Quantization-aware distillation into ternary or binary weights (build_models/steps/qat.py,
+    build_models/qat.py): the attention and FFN projections compute with {-1, 0, +1}·α or ±α while
+    their fp32 latent weights train to mimic the teacher, with distill's losses, loop and strategies.
+    The student keeps every layer unless num_layers or layers say otherwise."""
+
+    step: Literal["qat"] = "qat"
+    weights: Literal["ternary", "binary"]
+    # One α per output channel, or per block of block_size input columns within each output channel.
+    granularity: Literal["channel", "block"] = "channel"
+    # block granularity: the α block. A multiple of 16 (MatMulNBits' smallest block); the 2-bit
+    # export's quantize block_size must divide it (ORT's int8 kernel takes 32, 64 or 128).
+    block_size: int = Field(32, ge=16, multiple_of=16)
+    # fnmatch patterns of module names kept in fp32, e.g. "*.layer.0.*" for the first layer.
+    keep_fp32: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_student(self) -> "QatConfig":
+        # Replaces DistillConfig's rule of the same name: neither num_layers nor layers keeps them all.
+        if self.num_layers is not None and self.layers is not None:
+            raise ValueError("give at most one of num_layers or layers for the student (neither: all layers)")
+        self._attention_strategy()
+        return self
+
+
+# Steps that work on the PyTorch model (prune, distill, qat) run before export.
 StepConfig = Annotated[
-    Union[PruneConfig, DistillConfig, ExportOnnxConfig, ExportTorchScriptConfig, OptimizeConfig, QuantizeConfig],
+    Union[PruneConfig, DistillConfig, QatConfig, ExportOnnxConfig, ExportTorchScriptConfig, OptimizeConfig,
+          QuantizeConfig],
     Field(discriminator="step"),
 ]
 
@@ -303,6 +346,8 @@ class VariantConfig(StrictModel):
                 raise ValueError(f"steps after export_torchscript are not supported: {after}")
         if "optimize" in kinds and kinds.index("optimize") < export_at:
             raise ValueError("optimize works on the ONNX graph: put it after export_onnx")
+        if "qat" in kinds[export_at + 1:]:
+            raise ValueError("qat trains the PyTorch model: put it before the export")
         if exports[0] == "export_onnx" and "quantize" in kinds[:export_at]:
             raise ValueError("a PyTorch-quantized model does not export to ONNX: put quantize after export_onnx")
         onnx_tail = kinds[export_at + 1 :]

@@ -246,30 +246,45 @@ def run(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact,
     keep = student_layers(cfg, depth)
     strategy = resolve_strategy(cfg.strategy, world, cfg.batch_size, "distill", layers=len(keep),
                                 micro_batches=cfg.micro_batches, schedule=cfg.pipeline_schedule)
-    teacher_depth = len(encoder_layers(teacher, "distill"))
-    if cfg.hidden_loss_weight > 0 and teacher_depth != depth:
-        raise BuildError(f"distill: the hidden-state loss maps student layers to teacher layers by index, but the "
-                         f"model has {depth} layers and its teacher {teacher_depth}; set hidden_loss_weight: 0")
-    texts, corpus_labels, text_details = training_corpus("distill", cfg, ctx.evaluation_texts)
+    check_layer_losses("distill", cfg, depth, len(encoder_layers(teacher, "distill")))
+    student = make_student(start_from, keep)
+    details = train_student("distill", cfg, student, start_from, teacher, keep, ctx, strategy)
+    details["params"] = sum(p.numel() for p in student.parameters())
+    return Artifact(kind="torch", precision="fp32", module=student.cpu()), details
+
+
+def check_layer_losses(step: str, cfg: DistillConfig, depth: int, teacher_depth: int) -> None:
+    """The hidden-state and attention losses pair student layers with teacher layers by index."""
+    if (cfg.hidden_loss_weight > 0 or cfg.attention_loss_weight > 0) and teacher_depth != depth:
+        raise BuildError(f"{step}: the hidden-state and attention losses map student layers to teacher layers by "
+                         f"index, but the model has {depth} layers and its teacher {teacher_depth}; set "
+                         f"hidden_loss_weight: 0 and attention_loss_weight: 0")
+
+
+def train_student(step: str, cfg: DistillConfig, student: nn.Module, start_from: nn.Module, teacher: nn.Module,
+                  keep: list[int], ctx: BuildContext, strategy) -> dict:
+    """Train ``student`` (teacher layers ``keep`` of ``start_from``) in place to mimic ``teacher`` with
+    the distillation losses on the step's text, in the loop with its checkpoints and strategy; what
+    distill and qat share. Returns the details both record."""
+    world = ctx.world
+    texts, corpus_labels, text_details = training_corpus(step, cfg, ctx.evaluation_texts)
     label_ids = _label_ids(teacher, corpus_labels)
-    student = make_student(start_from, keep).to(world.device)
+    student.to(world.device)
     heads = kept_heads(student, encoder_config(teacher).num_attention_heads)
-    teacher = teacher.to(world.device)
+    teacher.to(world.device)
     checkpoint = None
     if ctx.checkpoint_dir is not None:
+        # The config carries every setting (for qat also the quantization): another never resumes this one.
         key = checkpoint_key(cfg.model_dump(exclude=NOT_IN_RESULT), keep,
                              str(ctx.source.path if ctx.source else ""), start_from, teacher)
-        checkpoint = ctx.checkpoint_dir / f"distill-{key}.pt"
-
+        checkpoint = ctx.checkpoint_dir / f"{step}-{key}.pt"
     task = DistillTask(cfg, teacher, keep, ctx.tokenizer, texts, label_ids, world.device, heads)
-    outcome = train("distill", cfg, student, StudentForward(student, task.carry_hidden, task.carry_attention),
+    outcome = train(step, cfg, student, StudentForward(student, task.carry_hidden, task.carry_attention),
                     len(texts), task, world, strategy, checkpoint)
-    student = student.cpu()
+    student.cpu()
     teacher.cpu()
-    details = {
-        "teacher": cfg.teacher if ctx.reference is not None else "current", "teacher_layers": teacher_depth,
-        "student_layers": keep, "texts": len(texts), "dataset": cfg.dataset, "used_labels": label_ids is not None,
-        **text_details,
-        **outcome.summary(), "params": sum(p.numel() for p in student.parameters()),
+    return {
+        "teacher": cfg.teacher if ctx.reference is not None else "current",
+        "teacher_layers": len(encoder_layers(teacher, step)), "student_layers": keep, "texts": len(texts),
+        "dataset": cfg.dataset, "used_labels": label_ids is not None, **text_details, **outcome.summary(),
     }
-    return Artifact(kind="torch", precision="fp32", module=student), details

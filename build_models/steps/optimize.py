@@ -1,4 +1,14 @@
-"""ONNX Runtime's transformer optimizer, with proof that the fusions happened."""
+"""ONNX Runtime's transformer optimizer, with proof that the fusions happened.
+
+``attention: fused`` (the default) lets the optimizer merge the query, key and value projections into
+one ``Attention`` node with a packed [hidden, 3·hidden] weight. ``attention: multi_head`` asks it for
+``MultiHeadAttention`` instead (FusionOptions.use_multi_head_attention): the three projections stay
+separate MatMuls feeding the attention node (their biases go into it), while SkipLayerNormalization,
+BiasGelu and EmbedLayerNormalization fuse as before. A 2-bit export needs that, since a packed QKV
+weight is no MatMul that int2_weight_only could turn into MatMulNBits. The CPU provider runs
+MultiHeadAttention with the same 1-D mask index (right padding) as Attention; the build checks the
+result against PyTorch either way.
+"""
 
 from __future__ import annotations
 
@@ -48,14 +58,25 @@ def run(cfg: OptimizeConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact
     config = ctx.model_config if ctx.model_config is not None else AutoConfig.from_pretrained(ctx.source.path)
     heads, hidden = head_geometry(config)
     model_type = ORT_MODEL_TYPE.get(ctx.source.model_type, "bert")
+    options = None
+    if cfg.attention == "multi_head":
+        from onnxruntime.transformers.fusion_options import FusionOptions
+
+        options = FusionOptions(model_type)
+        options.use_multi_head_attention = True
     optimized = optimize_model(
         str(art.path), model_type=model_type, num_heads=heads, hidden_size=hidden,
-        opt_level=cfg.opt_level, use_gpu=cfg.use_gpu, only_onnxruntime=False,
+        optimization_options=options, opt_level=cfg.opt_level, use_gpu=cfg.use_gpu, only_onnxruntime=False,
     )
     fused = count_fused(optimized.model)
     if cfg.require_fusion:
         missing = [op for op in ("SkipLayerNormalization",) if not fused.get(op)]
-        if not (fused.get("Attention") or fused.get("MultiHeadAttention")):
+        if cfg.attention == "multi_head":
+            # Only MultiHeadAttention keeps the projections apart; an Attention node here would mean
+            # packed Q/K/V weights, which is what this option exists to avoid.
+            if not fused.get("MultiHeadAttention") or fused.get("Attention"):
+                missing.insert(0, "MultiHeadAttention (projections kept)")
+        elif not (fused.get("Attention") or fused.get("MultiHeadAttention")):
             missing.insert(0, "Attention")
         if missing:
             raise BuildError(
@@ -65,7 +86,8 @@ def run(cfg: OptimizeConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact
     optimized.save_model_to_file(str(path))
     new = Artifact(kind="onnx", precision="fp32", path=path, input_names=art.input_names,
                    output_name=art.output_name, fused_nodes=fused)
-    details = {"fused_nodes": fused, "num_heads": heads, "hidden_size": hidden, "model_type": model_type}
+    details = {"fused_nodes": fused, "num_heads": heads, "hidden_size": hidden, "model_type": model_type,
+               "attention": cfg.attention}
     if ctx.torch_model is not None:
         diff = check_against_torch(path, ctx.torch_model, ctx, art.input_names)
         details["max_abs_diff_vs_torch"] = diff

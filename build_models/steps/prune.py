@@ -44,14 +44,22 @@ def plan_targets(cfg: PruneConfig, heads: int, ffn: int) -> tuple[int, int]:
 
 
 def _calibration_batches(cfg: PruneConfig, ctx: BuildContext):
-    from build_models.corpora import load_split, stratified_sample
+    from build_models.corpora import LabelledText, load_split, mixed_texts, normalized, stratified_sample
 
-    data = stratified_sample(load_split(cfg.dataset, "train"), cfg.calibration_samples, cfg.seed)
+    if isinstance(cfg.dataset, list):
+        # Importance measured on the mix: heads and neurons that matter only off one corpus's domain survive.
+        data = mixed_texts(cfg.dataset, cfg.calibration_samples, cfg.seed, ctx.evaluation_texts,
+                           cfg.passage_words).texts
+    else:
+        split = load_split(cfg.dataset, "train")
+        kept = [i for i, t in enumerate(split.texts) if normalized(t) not in ctx.evaluation_texts]
+        split = LabelledText([split.texts[i] for i in kept], [split.labels[i] for i in kept])
+        data = stratified_sample(split, cfg.calibration_samples, cfg.seed).texts
     if len(data) < cfg.batch_size:
         raise BuildError(f"prune: only {len(data)} calibration texts in {cfg.dataset}; need at least one batch "
                          f"of {cfg.batch_size}")
     for start in range(0, len(data) - cfg.batch_size + 1, cfg.batch_size):
-        texts = data.texts[start:start + cfg.batch_size]
+        texts = data[start:start + cfg.batch_size]
         yield ctx.tokenizer(texts, padding=True, truncation=True, max_length=cfg.max_seq_len, return_tensors="pt")
 
 

@@ -120,3 +120,30 @@ def test_targets_the_model_cannot_meet_are_refused(tiny_embedding_dir, tmp_path)
         PruneConfig(ratio=0.5, heads_per_layer=2)
     with pytest.raises(BuildError, match="before export"):
         prune.run(PruneConfig(heads_per_layer=2), Artifact(kind="onnx"), ctx)
+
+
+@pytest.mark.parametrize("dataset", ["reuters-r8", ["election-tweets", "friends-transcripts"]])
+def test_calibration_reads_the_named_text_and_never_the_evaluations(tiny_embedding_dir, tmp_path, dataset):
+    """Importance is measured on one corpus's train split or on a mix, always without the texts the
+    evaluation scores (ctx.evaluation_texts)."""
+    from build_models.corpora import mixed_texts, normalized
+
+    sources = dataset if isinstance(dataset, list) else [dataset]
+    candidates = mixed_texts(sources, 64, seed=0, passage_words=None).texts
+    excluded = frozenset(normalized(t) for t in candidates[:20])
+    seen: list[str] = []
+    tok = AutoTokenizer.from_pretrained(tiny_embedding_dir)
+
+    def recording_tokenizer(texts, **kwargs):
+        seen.extend(texts)
+        return tok(texts, **kwargs)
+
+    ctx = context(tiny_embedding_dir, tmp_path)
+    ctx.tokenizer, ctx.evaluation_texts = recording_tokenizer, excluded
+    cfg = PruneConfig(heads_per_layer=2, dataset=dataset, **{**CALIBRATION, "calibration_samples": 64})
+    list(prune._calibration_batches(cfg, ctx))
+    assert len(seen) == 64
+    assert not {normalized(t) for t in seen} & excluded
+    if isinstance(dataset, list):
+        tweets = {normalized(t) for t in mixed_texts(["election-tweets"], 10_000, seed=0).texts}
+        assert 0 < sum(normalized(t) in tweets for t in seen) < 64  # both sources contribute
