@@ -360,9 +360,10 @@ def check_gates(task: str, quality: QualityResult, gates: GatesConfig) -> list[t
     if task == "embedding":
         # The held-out corpus is gated with the same limits: a variant passes on the worse domain.
         held_out = quality.held_out
-        if held_out is not None and gates.downstream_retention is not None:
-            checks.append(("held_out_retention", held_out.get("retention"), gates.downstream_retention))
-            checks.append(("held_out_knn_retention", held_out.get("knn_retention"), gates.downstream_retention))
+        limit = gates.held_out_retention if gates.held_out_retention is not None else gates.downstream_retention
+        if held_out is not None and limit is not None:
+            checks.append(("held_out_retention", held_out.get("retention"), limit))
+            checks.append(("held_out_knn_retention", held_out.get("knn_retention"), limit))
         if gates.mean_cosine is not None:
             checks.append(("mean_cosine", quality.extra.get("mean_cosine"), gates.mean_cosine))
             if held_out is not None:

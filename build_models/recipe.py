@@ -262,6 +262,8 @@ class GatesConfig(StrictModel):
     mean_cosine: float | None = Field(0.99, ge=-1, le=1)
     min_cosine: float | None = Field(None, ge=-1, le=1)
     agreement: float | None = Field(None, ge=0, le=1)
+    # The held-out corpus's probe and kNN retention (evaluation.held_out); None: downstream_retention's limit.
+    held_out_retention: float | None = Field(None, ge=0, le=1.5)
 
 
 class HeldOutConfig(StrictModel):

@@ -91,6 +91,11 @@ def test_the_gate_takes_the_worse_domain():
                                                   GatesConfig(downstream_retention=0.97, mean_cosine=0.97))}
     assert gates == {"downstream_retention": True, "held_out_retention": False, "held_out_knn_retention": True,
                      "mean_cosine": True, "held_out_mean_cosine": True}
+    # A recipe may set the held-out limit apart (a measured shortfall, stated in the recipe).
+    apart = {m: (lim, ok) for m, _, lim, ok in check_gates(
+        "embedding", quality, GatesConfig(downstream_retention=0.97, mean_cosine=None, held_out_retention=0.9))}
+    assert apart == {"downstream_retention": (0.97, True), "held_out_retention": (0.9, True),
+                     "held_out_knn_retention": (0.9, True)}
 
 
 def test_knn_votes_by_the_nearest_texts():
