@@ -153,7 +153,7 @@ class DistillTask(StagedTask):
         self.label_ids, self.device, self.heads = label_ids, device, heads
         self.embedding = isinstance(teacher, EmbeddingModel)
         self.carry_hidden = cfg.hidden_loss_weight > 0
-        self.carry_attention = getattr(cfg, "attention_loss_weight", 0) > 0
+        self.carry_attention = cfg.attention_loss_weight > 0
         self.use_labels = not self.embedding and label_ids is not None and cfg.ce_weight > 0
 
     def inputs(self, rows: list[int]):
@@ -163,12 +163,11 @@ class DistillTask(StagedTask):
     def target(self, rows: list[int], inputs) -> torch.Tensor:
         ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs.get("token_type_ids")
         if not (self.carry_hidden or self.carry_attention):
-            main = self.teacher(ids, mask, types)
-            parts, maps = [main], []
+            main, states, maps = self.teacher(ids, mask, types), [], []
         else:
             main, states, maps = encode_parts(self.teacher, ids, mask, types, self.carry_hidden,
                                               self.carry_attention)
-            parts = [main]
+        parts = [main]
         if self.use_labels:
             labels = torch.tensor([self.label_ids[i] for i in rows], device=main.device, dtype=main.dtype)
             parts.append(labels.unsqueeze(1))  # class ids are exact in float32
