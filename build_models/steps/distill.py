@@ -225,10 +225,13 @@ class DistillTask(StagedTask):
 
 
 def _teacher(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> nn.Module:
-    """The model the student mimics: the recipe's fp32 reference, or the model as it stands."""
-    if cfg.teacher == "current" or ctx.reference is None:
-        return art.module
-    return ctx.reference
+    """The model the student mimics, frozen in eval mode: the recipe's fp32 reference, or the model as
+    it stands (distill and qat both start here)."""
+    teacher = art.module if cfg.teacher == "current" or ctx.reference is None else ctx.reference
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 def run(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact, dict]:
@@ -237,9 +240,7 @@ def run(cfg: DistillConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact,
     if art.precision != "fp32":
         raise BuildError("distill trains in fp32: put quantize after it")
     world = ctx.world
-    teacher = _teacher(cfg, art, ctx).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = _teacher(cfg, art, ctx)
     start_from = art.module
     depth = len(encoder_layers(start_from, "distill"))
     keep = student_layers(cfg, depth)

@@ -38,9 +38,7 @@ def run(cfg: QatConfig, art: Artifact, ctx: BuildContext) -> tuple[Artifact, dic
         raise BuildError("qat trains in fp32: put quantize after the export")
     _check_strategy(cfg)
     world = ctx.world
-    teacher = _teacher(cfg, art, ctx).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = _teacher(cfg, art, ctx)
     start_from = art.module
     depth = len(encoder_layers(start_from, "qat"))
     keep = list(range(depth)) if cfg.num_layers is None and cfg.layers is None else student_layers(cfg, depth)
