@@ -131,10 +131,31 @@ def _onnx_int4(cfg: QuantizeConfig, art: Artifact, ctx: BuildContext) -> tuple[A
     count = sum(1 for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits")
     if count == 0:
         raise BuildError("quantize int4_weight_only: no MatMul was converted to MatMulNBits")
+    details = {"bits": 4, "block_size": cfg.block_size, "symmetric": cfg.symmetric,
+               "accuracy_level": cfg.accuracy_level, "matmul_nbits_nodes": count, "nodes_excluded": excluded}
+    path = _embeddings(cfg, path, details)
     new = Artifact(kind="onnx", precision="int4", path=path, input_names=art.input_names,
                    output_name=art.output_name, fused_nodes={**art.fused_nodes, "MatMulNBits": count})
-    return new, {"bits": 4, "block_size": cfg.block_size, "symmetric": cfg.symmetric,
-                 "accuracy_level": cfg.accuracy_level, "matmul_nbits_nodes": count, "nodes_excluded": excluded}
+    return new, details
+
+
+def _embeddings(cfg: QuantizeConfig, path: Path, details: dict) -> Path:
+    """With ``embeddings: int8``, the graph at ``path`` with its fused embedding tables (word, position,
+    segment) in int8: ORT's dynamic quantizer turns EmbedLayerNormalization into
+    QEmbedLayerNormalization, as int8_dynamic does. Returns the graph to publish."""
+    details["embeddings"] = cfg.embeddings
+    if cfg.embeddings == "fp32":
+        return path
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    if not any(n.op_type == "EmbedLayerNormalization" for n in onnx.load(str(path)).graph.node):
+        raise BuildError("quantize embeddings: int8 needs the fused EmbedLayerNormalization node; put an "
+                         "optimize step before quantize")
+    out = path.with_name(path.stem + ".emb8.onnx")
+    quantize_dynamic(str(path), str(out), op_types_to_quantize=["EmbedLayerNormalization"],
+                     weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return out
 
 
 # MatMulNBits with bits=2 and no zero_points input: value = (code - 2) · scale, codes 0..3. Ternary
@@ -258,6 +279,11 @@ def _onnx_int2(cfg: QuantizeConfig, art: Artifact, ctx: BuildContext) -> tuple[A
         # packing bug. With int8 activations (accuracy_level 4) the difference is measured, not checked.
         if cfg.accuracy_level == 0 and diff > 1e-3:
             raise BuildError(f"quantize int2_weight_only: the 2-bit graph differs from PyTorch by {diff:.2e}")
+    path = _embeddings(cfg, path, details)
+    if cfg.embeddings != "fp32" and ctx.torch_model is not None:
+        # The packing was checked above; this is what the int8 tables add, measured.
+        details["max_abs_diff_vs_torch_with_int8_embeddings"] = check_against_torch(
+            path, ctx.torch_model, ctx, art.input_names)
     new = Artifact(kind="onnx", precision="int2", path=path, input_names=art.input_names,
                    output_name=art.output_name, fused_nodes={**art.fused_nodes, "MatMulNBits": converted})
     return new, details

@@ -30,10 +30,11 @@ VARIANTS = [
     # Every projection ternary, one α per block of 32, fp32 activations at inference.
     {"name": "tiny-ternary", "steps": [
         TERNARY, *EXPORT, {"quantize": {"method": "int2_weight_only", "block_size": 32}}]},
-    # Binary per channel with the first layer kept fp32, int8 activations at inference.
+    # Binary per channel with the first layer kept fp32, int8 activations and embedding tables.
     {"name": "tiny-binary", "steps": [
         {"qat": {"weights": "binary", "keep_fp32": ["*.layer.0.*"], **FAST}},
-        *EXPORT, {"quantize": {"method": "int2_weight_only", "block_size": 32, "accuracy_level": 4}}]},
+        *EXPORT, {"quantize": {"method": "int2_weight_only", "block_size": 32, "accuracy_level": 4,
+                               "embeddings": "int8"}}]},
     # The ternary student again (its qat and export reused from the first variant, so no new training),
     # with ORT's default fused Attention: the packed Q/K/V weights cannot become MatMulNBits.
     {"name": "tiny-ternary-fused", "steps": [
@@ -110,6 +111,20 @@ def test_manifest_records_the_steps(built):
     binary = {s.name: s.details for s in load_verified(store / "tiny-binary" / "1").lineage.steps}
     assert binary["qat"]["replaced_modules"] == 6 and len(binary["qat"]["kept_fp32_modules"]) == 6
     assert binary["quantize"]["matmuls_kept_fp32"] == 6 and binary["quantize"]["accuracy_level"] == 4
+    assert quant["embeddings"] == "fp32" and binary["quantize"]["embeddings"] == "int8"
+
+
+def test_int8_embeddings_store_the_tables_in_8_bits(built):
+    store, _ = built
+    def tables(name):
+        graph = onnx.load(str(store / name / "1" / "model.onnx")).graph
+        inits = {t.name: t for t in graph.initializer}
+        (node,) = [n for n in graph.node if n.op_type.endswith("EmbedLayerNormalization")]
+        # inputs 2..4: the word, position and segment tables (quantized: their int8 codes)
+        return node.op_type, [onnx.helper.tensor_dtype_to_np_dtype(inits[i].data_type) for i in node.input[2:5]]
+    assert tables("tiny-ternary") == ("EmbedLayerNormalization", [np.float32] * 3)
+    op, dtypes = tables("tiny-binary")
+    assert op == "QEmbedLayerNormalization" and all(d.itemsize == 1 for d in dtypes), dtypes
 
 
 def test_published_graphs_compute_the_frozen_student(built, tiny_embedding_dir):
@@ -121,7 +136,7 @@ def test_published_graphs_compute_the_frozen_student(built, tiny_embedding_dir):
     want = torch_outputs(frozen["tiny-ternary"], batch)
     np.testing.assert_allclose(run_variant(store / "tiny-ternary" / "1", batch), want, atol=1e-4)
     # int8 activations (accuracy_level 4): one int8 step per block of 32 activations, through 6 2-bit
-    # products, moves the unit-length embedding a little; direction kept.
+    # products, and int8 embedding tables move the unit-length embedding a little; direction kept.
     want = torch_outputs(frozen["tiny-binary"], batch)
     got = run_variant(store / "tiny-binary" / "1", batch)
     cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)

@@ -243,6 +243,8 @@ def test_qat_config_and_order_rules():
         QatConfig(weights="ternary", granularity="block", block_size=40)
     with pytest.raises(ValueError, match="accuracy_level applies to int4_weight_only and int2_weight_only"):
         QuantizeConfig(method="int8_dynamic", accuracy_level=4)
+    with pytest.raises(ValueError, match="embeddings: int8 applies to int4_weight_only and int2_weight_only"):
+        QuantizeConfig(method="int8_dynamic", embeddings="int8")
     recipe = {"family": "t", "source": {"path": "/x"}, "task": "embedding", "variants": [
         {"name": "v", "steps": [{"qat": {"weights": "ternary"}}, "export_onnx",
                                 {"optimize": {"attention": "multi_head"}},
