@@ -230,3 +230,33 @@ def test_bad_settings_fail_before_training(tiny_embedding_dir, tmp_path):
         qat_step.run(QatConfig(weights="ternary", keep_fp32=["*.layer.9.*"], **FAST), art, ctx)
     with pytest.raises(BuildError, match="qat needs the PyTorch model"):
         qat_step.run(QatConfig(weights="ternary", **FAST), Artifact(kind="onnx"), ctx)
+
+
+def test_ternary_classifier_builds_and_predicts(tiny_classifier_dir, tmp_path):
+    """news-classifier.yaml's news-ternary on a tiny classifier: qat against the teacher's logits and
+    the corpus labels, 2-bit projections with int8 embedding tables and an fp32 head; /predict answers
+    with the classifier's labels."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import ServiceSettings
+
+    recipe = tiny_recipe(tiny_classifier_dir, [{"name": "clf-ternary", "steps": [
+        TERNARY, *EXPORT, {"quantize": {"method": "int2_weight_only", "block_size": 32, "accuracy_level": 4,
+                                        "embeddings": "int8"}}]}])
+    recipe["task"] = "classification"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    build(tmp_path / "recipe.yaml", tmp_path / "store", log=lambda _m: None)
+    manifest = load_verified(tmp_path / "store" / "clf-ternary" / "1")
+    steps = {s.name: s.details for s in manifest.lineage.steps}
+    assert manifest.task == "classification" and manifest.precision == "int2"
+    assert steps["qat"]["used_labels"] and steps["qat"]["replaced_modules"] == 12
+    assert steps["quantize"]["matmul_nbits_nodes"] == 12 and steps["quantize"]["embeddings"] == "int8"
+    labels = list(manifest.labels)
+    settings = ServiceSettings(model_store=tmp_path / "store", default_model="clf-ternary", intra_op_threads=1)
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/predict", json={"inputs": TEXTS[:2], "model": "clf-ternary"})
+    assert r.status_code == 200, r.text
+    rows = r.json()
+    assert len(rows) == 2 and all({s["label"] for s in row} == set(labels) for row in rows)
+    assert all(abs(sum(s["score"] for s in row) - 1) < 1e-4 for row in rows)
