@@ -232,6 +232,12 @@ def test_off_grid_weights_stay_matmul_and_nothing_on_the_grid_is_an_error(tmp_pa
         quantize.run(QuantizeConfig(method="int2_weight_only"), art, ctx)
     with pytest.raises(BuildError, match="power-of-two block_size, got 48"):
         quantize.run(QuantizeConfig(method="int2_weight_only", block_size=48), art, ctx)
+    # int8 embedding tables need the fused embedding node that optimize makes; a graph without one is
+    # refused by name rather than published with its tables silently left in fp32.
+    onnx.save(matmul_graph({"q": on_grid}), str(tmp_path / "grid.onnx"))
+    art = Artifact(kind="onnx", path=tmp_path / "grid.onnx", input_names=["x"], output_name="q.out")
+    with pytest.raises(BuildError, match="embeddings: int8 needs the fused EmbedLayerNormalization"):
+        quantize.run(QuantizeConfig(method="int2_weight_only", embeddings="int8"), art, ctx)
 
 
 def test_qat_config_and_order_rules():
