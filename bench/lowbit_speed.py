@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +28,10 @@ from onnx import helper, numpy_helper
 
 
 def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Every MatMulNBits (bits 2, default zero point) as a MatMul of its fp32 weights, bias added."""
+    """Every 2-bit MatMulNBits (the build's packing: default zero point) as a MatMul of its fp32
+    weights, bias added."""
+    from build_models.steps.quantize import INT2_ZERO_POINT, unpack_2bit
+
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {i.name: i for i in out.graph.initializer}
@@ -39,12 +41,13 @@ def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-        packed = numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1)
-        scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, -1)
-        per_byte = 8 // bits
-        codes = np.stack([(packed >> (bits * j)) & (2 ** bits - 1) for j in range(per_byte)], axis=-1).reshape(n, -1)
-        weight = (codes[:, :k].astype(np.float32) - 2 ** (bits - 1)) * np.repeat(scales, block, axis=1)[:, :k]
+        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+        if attrs["bits"] != 2:
+            raise ValueError(f"{node.name}: bits={attrs['bits']}, this bench reads 2-bit graphs only")
+        packed = numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1, block // 4)
+        scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, -1, 1)
+        codes = unpack_2bit(packed).astype(np.float32)  # [N, blocks, block]
+        weight = ((codes - INT2_ZERO_POINT) * scales).reshape(n, -1)[:, :k]
         name = node.input[1] + "_fp32"
         out.graph.initializer.append(numpy_helper.from_array(weight.T.copy(), name))
         matmul_out = node.output[0] + ("_nobias" if len(node.input) > 5 and node.input[5] else "")
@@ -83,6 +86,7 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     from transformers import AutoTokenizer
 
+    from bench import procstat
     from build_models.corpora import load_split
     from service.backends.onnx import session_options
     from service.manifest import load_verified
@@ -124,11 +128,9 @@ def main(argv=None) -> int:
                     sess.run(None, feed)
                     out[key][case].append((time.perf_counter() - t) * 1000)
     check = sessions["2-bit, accuracy_level 0"].run(None, feeds["batch32_seq128"])[0]
-    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
-    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags)
     lines = [f"# 2-bit graph timings ({dt.date.today()})", "",
-             f"`python -m bench.lowbit_speed --store {args.store}`; {threads} threads; {platform.processor() or platform.machine()}; "
-             f"ISA flags: {isa}; onnxruntime {ort.__version__}; median ms of {args.rounds} rounds.", "",
+             f"`python -m bench.lowbit_speed --store {args.store}`; {threads} threads; {procstat.cpu_model()}; "
+             f"{procstat.isa_text(procstat.isa())}; onnxruntime {ort.__version__}; median ms of {args.rounds} rounds.", "",
              "| graph | batch 1 ms | b32x128 ms | b32x128 vs fused fp32 |", "|---|---|---|---|"]
     fused = statistics.median(out["fused fp32 (packed Attention)"]["batch32_seq128"])
     for key, per_case in out.items():
