@@ -128,27 +128,29 @@ def _onnx_int4(cfg: QuantizeConfig, art: Artifact, ctx: BuildContext) -> tuple[A
     quantizer.process()
     path = ctx.work_dir / "model.int4.onnx"
     quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
-    count = sum(1 for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits")
+    graph = quantizer.model.model.graph  # what was just saved
+    count = sum(1 for n in graph.node if n.op_type == "MatMulNBits")
     if count == 0:
         raise BuildError("quantize int4_weight_only: no MatMul was converted to MatMulNBits")
     details = {"bits": 4, "block_size": cfg.block_size, "symmetric": cfg.symmetric,
                "accuracy_level": cfg.accuracy_level, "matmul_nbits_nodes": count, "nodes_excluded": excluded}
-    path = _embeddings(cfg, path, details)
+    path = _embeddings(cfg, path, graph, details)
     new = Artifact(kind="onnx", precision="int4", path=path, input_names=art.input_names,
                    output_name=art.output_name, fused_nodes={**art.fused_nodes, "MatMulNBits": count})
     return new, details
 
 
-def _embeddings(cfg: QuantizeConfig, path: Path, details: dict) -> Path:
-    """With ``embeddings: int8``, the graph at ``path`` with its fused embedding tables (word, position,
-    segment) in int8: ORT's dynamic quantizer turns EmbedLayerNormalization into
-    QEmbedLayerNormalization, as int8_dynamic does. Returns the graph to publish."""
+def _embeddings(cfg: QuantizeConfig, path: Path, graph: onnx.GraphProto, details: dict) -> Path:
+    """With ``embeddings: int8``, the graph saved at ``path`` (``graph``, in memory) with its fused
+    embedding tables (word, position, segment) in int8: ORT's dynamic quantizer turns
+    EmbedLayerNormalization into QEmbedLayerNormalization, as int8_dynamic does. Returns the graph to
+    publish."""
     details["embeddings"] = cfg.embeddings
     if cfg.embeddings == "fp32":
         return path
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    if not any(n.op_type == "EmbedLayerNormalization" for n in onnx.load(str(path)).graph.node):
+    if not any(n.op_type == "EmbedLayerNormalization" for n in graph.node):
         raise BuildError("quantize embeddings: int8 needs the fused EmbedLayerNormalization node; put an "
                          "optimize step before quantize")
     out = path.with_name(path.stem + ".emb8.onnx")
@@ -258,8 +260,8 @@ def _onnx_int2(cfg: QuantizeConfig, art: Artifact, ctx: BuildContext) -> tuple[A
             f"quantize int2_weight_only: no MatMul weight lies on a 2-bit grid of blocks of {cfg.block_size} "
             f"({len(skipped)} MatMuls with fp32 weights); put a qat step before the export, and give "
             f"quantize a block_size that divides the qat step's")
-    path = ctx.work_dir / "model.int2.onnx"
-    onnx.save(model, str(path))
+    packed_path = ctx.work_dir / "model.int2.onnx"
+    onnx.save(model, str(packed_path))
     details = {"bits": 2, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level,
                "matmul_nbits_nodes": converted, "matmuls_kept_fp32": len(skipped), "kept_fp32": skipped,
                "nodes_excluded": excluded,
@@ -270,20 +272,20 @@ def _onnx_int2(cfg: QuantizeConfig, art: Artifact, ctx: BuildContext) -> tuple[A
         # A fused Attention node's packed Q/K/V weight is no MatMul: it stays fp32.
         details["note"] = (f"{packed} Attention nodes keep their packed Q/K/V weights in fp32; optimize with "
                            f"attention: multi_head to store those projections in 2 bits too")
+    path = _embeddings(cfg, packed_path, model.graph, details)
     if ctx.torch_model is not None:
         from build_models.steps.export_onnx import check_against_torch
 
-        diff = check_against_torch(path, ctx.torch_model, ctx, art.input_names)
+        diff = check_against_torch(packed_path, ctx.torch_model, ctx, art.input_names)
         details["max_abs_diff_vs_torch"] = diff
         # fp32 activations compute the frozen student's own products: anything more than rounding is a
         # packing bug. With int8 activations (accuracy_level 4) the difference is measured, not checked.
         if cfg.accuracy_level == 0 and diff > 1e-3:
             raise BuildError(f"quantize int2_weight_only: the 2-bit graph differs from PyTorch by {diff:.2e}")
-    path = _embeddings(cfg, path, details)
-    if cfg.embeddings != "fp32" and ctx.torch_model is not None:
-        # The packing was checked above; this is what the int8 tables add, measured.
-        details["max_abs_diff_vs_torch_with_int8_embeddings"] = check_against_torch(
-            path, ctx.torch_model, ctx, art.input_names)
+        if path != packed_path:
+            # What the int8 tables add to the packing's difference, measured.
+            details["max_abs_diff_vs_torch_with_int8_embeddings"] = check_against_torch(
+                path, ctx.torch_model, ctx, art.input_names)
     new = Artifact(kind="onnx", precision="int2", path=path, input_names=art.input_names,
                    output_name=art.output_name, fused_nodes={**art.fused_nodes, "MatMulNBits": converted})
     return new, details
